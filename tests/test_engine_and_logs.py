@@ -1,0 +1,77 @@
+"""trtexec command lines from recipes, the fallback's flag parsing, and the log parser on real trtexec text."""
+import pytest
+from conftest import MODEL, REPO
+
+from tools.common import UserError
+from tools.engine import build_args, onnx_nodes, resolve_layer_precisions
+from tools.recipe import LayerPrecision, load
+from tools.trtexec_py import parse_flags, parse_layer_spec, parse_shapes, stats_line
+from tools.trtlog import parse
+from tools.trt_plan import plan
+
+import numpy as np
+
+
+def test_ultralytics_head_constraints_resolve_on_the_real_graph():
+    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
+    chosen = resolve_layer_precisions(r, onnx_nodes(MODEL))
+    fp16 = sorted(n for n, p in chosen.items() if p == "fp16")
+    assert "/model.23/dfl/conv/Conv" in fp16 and len(fp16) == 7  # 6 x ".2/Conv" + DFL
+    assert all(n.startswith("/model.23/") and "Sigmoid" in n for n, p in chosen.items() if p == "fp32")
+
+
+def test_rule_matching_nothing_is_an_error():
+    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml").replace(
+        layer_precisions=[{"match": "^/model\\.99/", "precision": "fp32"}])
+    with pytest.raises(UserError, match="matches no node"):
+        resolve_layer_precisions(r, onnx_nodes(MODEL))
+
+
+def test_build_args_and_the_fallback_accepts_them():
+    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
+    p = plan(r, "8.6")
+    lp = resolve_layer_precisions(r, onnx_nodes(MODEL))
+    args = build_args(r, p, "m.onnx", "e.engine", "t.cache", "c.cache", lp)
+    opts = parse_flags(args)
+    assert opts["fp16"] and opts["int8"] and opts["calib"] == "c.cache"
+    assert parse_shapes(opts["maxShapes"]) == {"images": (32, 3, 640, 640)}
+    assert parse_layer_spec(opts["layerPrecisions"]) == lp
+    assert "--precisionConstraints=obey" in args and "--builderOptimizationLevel=0" in args
+
+
+def test_strongly_typed_build_has_no_precision_flags():
+    r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    args = build_args(r, plan(r, "11"), "m.onnx", "e.engine")
+    assert "--stronglyTyped" in args and "--fp16" not in args and "--int8" not in args
+
+
+def test_fallback_refuses_unknown_flags():
+    with pytest.raises(UserError, match="--sparsity"):
+        parse_flags(["--onnx=m.onnx", "--sparsity=enable"])
+    with pytest.raises(UserError, match="exactly one"):
+        parse_flags(["--fp16"])
+
+
+def test_parse_real_trtexec_log():
+    text = (REPO / "tests/data/trtexec_10.x_summary.log").read_text()
+    row = parse(text)
+    assert row["throughput_qps"] == pytest.approx(130.298)
+    assert row["gpu_median_ms"] == pytest.approx(7.14139)
+    assert row["gpu_p99_ms"] == pytest.approx(12.9485)
+    assert row["latency_p90_ms"] == pytest.approx(10.2996)
+    assert row["walltime_s"] == pytest.approx(3.00082)
+    assert not row["fallback"] and row["h2d_median_ms"] == pytest.approx(0.00814819)
+
+
+def test_parse_real_fallback_logs():
+    build = parse((REPO / "tests/data/trtexec_py_build.log").read_text())
+    assert build["fallback"] and build["build_s"] > 0 and build["engine_mib"] > 1
+    bench = parse((REPO / "tests/data/trtexec_py_bench.log").read_text())
+    assert bench["fallback"] and 0 < bench["gpu_median_ms"] <= bench["gpu_p99_ms"]
+    assert bench["throughput_qps"] > 0 and bench["activation_bytes"] > 0
+
+
+def test_fallback_stats_line_round_trips():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
+    row = parse("[I] GPU Compute Time: " + stats_line("x", values, [90, 99]).split(": ", 1)[1])
+    assert row["gpu_median_ms"] == 3.0 and row["gpu_min_ms"] == 1.0 and row["gpu_max_ms"] == 10.0

@@ -1,0 +1,68 @@
+"""ModelOpt quantization for real (4 calibration images), the shared calibration cache, and Q/DQ bypassing."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CALIB, MODEL, REPO
+
+from tools.quantize import activation_scales, quantize
+from tools.recipe import load
+from tools.sensitivity import block_groups, bypass_qdq
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    path = quantize(recipe, "8.6", CALIB, root=root)
+    return root, recipe, path
+
+
+def test_quantized_model_and_record(quantized):
+    root, recipe, path = quantized
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["high_precision_dtype"] == "fp32" and meta["settings"]["calib_images"] == 4
+    assert meta["nodes"]["QuantizeLinear"] > 100 and meta["modelopt_version"]
+    assert not any("/attn/" in n for n in meta["nodes"]["quantized"])  # the recipe keeps C2PSA attention in float
+    assert "--calibration_cache_path" in meta["command"] and "--nodes_to_exclude" in meta["command"]
+
+
+def test_scales_come_from_the_shared_calibration(quantized):
+    root, recipe, path = quantized
+    cache = next((root / "calib" / "yolo11n").glob("*.entropy-*.cache"))
+    full = activation_scales(cache.with_suffix(".full.onnx"))
+    ours = activation_scales(path)
+    shared = set(full) & set(ours)
+    assert len(shared) > 50
+    for k in shared:
+        assert ours[k] == pytest.approx(full[k], rel=1e-6)
+
+
+def test_second_exclusion_set_reuses_the_calibration(quantized):
+    root, recipe, _ = quantized
+    logs = lambda: sorted((root / "logs" / "yolo11n").glob("*.calibrate.log"))  # noqa: E731
+    before = logs()
+    other = recipe.replace(name="head", nodes_to_exclude=list(recipe.nodes_to_exclude) + [r".*\.2/Conv$"])
+    path = quantize(other, "8.6", CALIB, root=root)
+    assert logs() == before  # no second ModelOpt calibration
+    quantized_nodes = json.loads(path.with_suffix(".json").read_text())["nodes"]["quantized"]
+    assert not any(n.endswith(".2/Conv") for n in quantized_nodes)
+
+
+def test_bypass_puts_one_block_back_in_float(quantized):
+    import onnxruntime as ort
+
+    _, _, path = quantized
+    model = onnx.load(str(path))
+    groups = block_groups([n.name for n in model.graph.node])
+    assert "model.0" in groups and any(g.startswith("head-dfl") for g in groups)
+    float0 = bypass_qdq(model, groups["model.0"])
+    producer = {o: n.op_type for n in float0.graph.node for o in n.output}
+    conv0 = next(n for n in float0.graph.node if n.name == "/model.0/conv/Conv")
+    assert all(producer.get(i) != "DequantizeLinear" for i in conv0.input)
+    conv1 = next(n for n in float0.graph.node if n.name == "/model.1/conv/Conv")
+    assert producer[conv1.input[0]] == "DequantizeLinear"  # other blocks untouched
+    x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
+    out = ort.InferenceSession(float0.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    assert out[0].shape == (1, 84, 8400)

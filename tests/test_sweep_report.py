@@ -1,0 +1,104 @@
+"""Grid expansion, cache/resume of finished stages, and the report's selection rule."""
+import json
+
+import pytest
+import yaml
+from conftest import CALIB, MINI, REPO
+
+import tools.pipeline as pipeline
+from tools.common import UserError
+from tools.recipe import digest, load
+from tools.report import select
+from tools.sweep import expand, load_grid
+
+
+def write_grid(tmp_path, design="one-at-a-time", extra_axes=None):
+    grid = {"model": "yolo11n", "base": "recipes/yolo11n/int8-qdq.yaml", "design": design,
+            "references": ["recipes/yolo11n/fp16.yaml", "recipes/yolo11n/int8-qdq.yaml"],
+            "axes": {"calibration_method": ["entropy", "max"], "calib_images": [64, 400],
+                     "nodes_to_exclude": {"default": ["/model\\.10/.*attn.*"], "none": []},
+                     **(extra_axes or {})}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_one_at_a_time_expansion(tmp_path):
+    points = expand(load_grid(write_grid(tmp_path), REPO))
+    names = [p.name for p in points]
+    # references, then one change per non-base axis value; the base coincides with int8-qdq and is not repeated
+    assert names == ["fp16", "int8-qdq", "qdq-max-n400-x-default", "qdq-entropy-n64-x-default",
+                     "qdq-entropy-n400-x-none"]
+    assert len({digest(p.settings()) for p in points}) == len(points)
+    assert points[3].calib_images == 64 and points[3].calibration_method == "entropy"
+
+
+def test_product_expansion(tmp_path):
+    points = expand(load_grid(write_grid(tmp_path, "product"), REPO))
+    assert len(points) == 2 + 2 * 2 * 2 - 1  # the product point equal to int8-qdq collapses into it
+
+
+def test_default_grid_expands(tmp_path):
+    points = expand(load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO))
+    assert {"fp16", "int8-qdq", "int8-implicit", "int8-ultralytics"} <= {p.name for p in points}
+    assert any(p.builder_optimization_level == 1 for p in points)
+
+
+def test_grid_rejects_unknown_axis(tmp_path):
+    with pytest.raises(UserError, match="not a recipe key"):
+        load_grid(write_grid(tmp_path, extra_axes={"learning_rate": [1]}), REPO)
+
+
+def test_resume_skips_finished_stages(tmp_path, monkeypatch):
+    """A point whose record holds a stage's result never reruns that stage; missing stages run once."""
+    recipe = load(REPO / "recipes/yolo11n/fp16.yaml")
+    setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, trt_version="8.6.1")
+    monkeypatch.setattr(pipeline, "gpu_name", lambda: "Test GPU")
+    calls = []
+
+    def fake(stage):
+        def run(point, _setup):
+            calls.append(stage)
+            point.record[pipeline.STAGE_KEYS[stage]] = {"engine": "x", "stage": stage}
+        return run
+
+    monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: fake(s) for s in ("engine", "bench", "accuracy")})
+    monkeypatch.setattr(pipeline, "save", lambda point: saved.__setitem__(point.stem, json.loads(json.dumps(point.record))))
+    saved = {}
+    point = pipeline.make_point(recipe, setup)
+    assert not point.record_path.exists()
+    monkeypatch.setattr(pipeline, "make_point", lambda r, s: point)
+    pipeline.run_recipe(recipe, setup, ("engine", "bench"))
+    assert calls == ["engine", "bench"]
+    pipeline.run_recipe(recipe, setup, ("engine", "bench", "accuracy"))  # resumed: only accuracy is new
+    assert calls == ["engine", "bench", "accuracy"]
+    pipeline.run_recipe(recipe, setup, pipeline.STAGE_SETS["gpu"])
+    assert calls == ["engine", "bench", "accuracy"]
+
+
+def test_point_key_changes_with_gpu_and_tensorrt(monkeypatch):
+    recipe = load(REPO / "recipes/yolo11n/fp16.yaml")
+    monkeypatch.setattr(pipeline, "gpu_name", lambda: "GPU A")
+    a = pipeline.make_point(recipe, pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, trt_version="8.6.1"))
+    b = pipeline.make_point(recipe, pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, trt_version="10.3"))
+    monkeypatch.setattr(pipeline, "gpu_name", lambda: "GPU B")
+    c = pipeline.make_point(recipe, pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, trt_version="8.6.1"))
+    assert len({a.key, b.key, c.key}) == 3
+
+
+def row(config, precision, batch, ms, ips, m):
+    return {"config": config, "precision": precision, "batch": batch, "latency_ms_p50": ms,
+            "latency_ms_p50_cuda_graph": None, "latency_ms_p99": ms, "throughput_ips": ips,
+            "throughput_ips_cuda_graph": None, "map50_95": m, "map50": m}
+
+
+def test_selection_rule():
+    rows = [row("fp16", "fp16", 1, 1.00, 1000, 0.400), row("fp16", "fp16", 32, 5.0, 6000, 0.400),
+            row("fast-bad", "int8-qdq", 1, 0.60, 1600, 0.390), row("fast-bad", "int8-qdq", 32, 3.0, 10000, 0.390),
+            row("ok", "int8-qdq", 1, 0.80, 1250, 0.397), row("ok", "int8-qdq", 32, 4.5, 7000, 0.397),
+            row("wide", "int8-implicit", 1, 0.85, 1200, 0.399), row("wide", "int8-implicit", 32, 4.0, 8000, 0.399)]
+    choice = select(rows, budget=0.5)
+    assert choice["latency"] == "ok"  # fast-bad is 1.0 point below FP16: out of budget
+    assert choice["throughput"] == "wide"
+    assert select(rows, budget=2.0)["latency"] == "fast-bad"
+    assert select(rows, budget=0.0)["latency"] is None

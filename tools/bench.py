@@ -1,0 +1,72 @@
+"""Time an engine with trtexec (or the fallback) at each batch size, with and without CUDA graphs.
+
+One trtexec run per (batch, CUDA graph) with --noDataTransfers, so latency is GPU compute time; each log is parsed
+by tools.trtlog. Throughput in images/s is trtexec's qps times the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+from tools.common import UserError, run_main, write_text
+from tools.engine import run_logged, shape
+from tools.trtlog import parse_file, to_csv
+
+
+def bench_args(engine, batch: int, imgsz: int, cuda_graph: bool, warmup_ms: int, duration_s: float) -> list[str]:
+    args = [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz)}", "--noDataTransfers",
+            f"--warmUp={warmup_ms}", f"--duration={duration_s:g}", "--percentile=90,95,99"]
+    return args + (["--useCudaGraph"] if cuda_graph else [])
+
+
+def context_mib(log_text: str) -> float | None:
+    """GPU memory TensorRT allocated for the execution context, as trtexec logs it."""
+    m = re.search(r"IExecutionContext creation: CPU \+\d+, GPU \+(\d+)", log_text)
+    return float(m.group(1)) if m else None
+
+
+def bench(engine, trtexec: list[str], log_prefix, batches=(1, 8, 32), imgsz=640, cuda_graphs=(False, True),
+          warmup_ms=500, duration_s=3.0) -> list[dict]:
+    rows = []
+    for batch in batches:
+        for graph in cuda_graphs:
+            log = Path(f"{log_prefix}.bench-b{batch}{'-graph' if graph else ''}.log")
+            rc, _ = run_logged(trtexec + bench_args(engine, batch, imgsz, graph, warmup_ms, duration_s), log)
+            parsed = parse_file(log)
+            if rc != 0 or "gpu_median_ms" not in parsed:
+                raise UserError(f"{log}: timing {engine} at batch {batch} failed (exit {rc}); read the log")
+            mib = parsed.get("gpu_mem_mib") or context_mib(log.read_text())
+            rows.append({"batch": batch, "cuda_graph": graph,
+                         "latency_ms_p50": parsed["gpu_median_ms"], "latency_ms_p90": parsed.get("gpu_p90_ms"),
+                         "latency_ms_p99": parsed.get("gpu_p99_ms"), "latency_ms_mean": parsed["gpu_mean_ms"],
+                         "throughput_qps": parsed["throughput_qps"],
+                         "throughput_ips": round(parsed["throughput_qps"] * batch, 1),
+                         "gpu_mem_mib": mib, "activation_mib": (parsed["activation_bytes"] / 2**20
+                                                                 if "activation_bytes" in parsed else None),
+                         "fallback": parsed["fallback"], "log": str(log)})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    ap.add_argument("engine")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--trtexec", default="trtexec")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
+    ap.add_argument("--warmup-ms", type=int, default=500)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--log-prefix", help="default: logs/<engine stem>")
+    ap.add_argument("-o", "--output", help="CSV to write")
+    args = ap.parse_args(argv)
+    prefix = args.log_prefix or f"logs/{Path(args.engine).stem}"
+    rows = bench(args.engine, shlex.split(args.trtexec), prefix, [int(b) for b in args.batches.split(",")],
+                 args.imgsz, (False,) if args.no_graphs else (False, True), args.warmup_ms, args.duration)
+    text = to_csv(rows)
+    write_text(args.output, text) if args.output else print(text, end="")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,202 @@
+"""What several tools need: user errors, atomic writes, image lists, letterbox preprocessing, YOLO decoding + NMS.
+
+Imports only numpy and cv2 so that it also runs on the GPU side (py311 + TensorRT, no torch).
+Preprocessing and NMS follow ultralytics' validation exactly (see ../shared/STYLE.md, "Reproducing ultralytics val").
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+PAD_VALUE = 114
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line (naming the file and the fix), exit code 2."""
+
+
+def run_main(main):
+    """Run a tool's main(argv): user errors become one line on stderr and exit status 2, never a traceback."""
+    try:
+        sys.exit(main(sys.argv[1:]) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_images(folder) -> list[Path]:
+    """Sorted image files of `folder` (or of `folder/images`); a clear error when there are none."""
+    folder = Path(folder)
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such image folder; pass a folder of .jpg/.png images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: holds no .jpg/.png images; pass a folder of images")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing (ultralytics LoadImage + LetterBox(scaleup=False, center=True), then RGB, CHW, /255)
+def read_image(path):
+    import cv2
+
+    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if im is None:
+        raise UserError(f"{path}: not a readable image; remove it from the folder or replace it")
+    return im
+
+
+def load_resized(im, size: int = 640):
+    """ultralytics BaseDataset.load_image: long side to `size` (small images enlarged), INTER_LINEAR."""
+    import cv2
+
+    h0, w0 = im.shape[:2]
+    r = size / max(h0, w0)
+    if r != 1:
+        w, h = min(int(np.ceil(w0 * r)), size), min(int(np.ceil(h0 * r)), size)
+        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+    return im
+
+
+def letterbox(im, size: int = 640):
+    """Centre `im` on a size x size canvas of PAD_VALUE, never upscaling; returns (canvas, (left, top))."""
+    import cv2
+
+    h, w = im.shape[:2]
+    r = min(size / h, size / w, 1.0)
+    new_w, new_h = int(round(w * r)), int(round(h * r))
+    if (w, h) != (new_w, new_h):
+        im = cv2.resize(im, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    im = cv2.copyMakeBorder(im, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return im, (left, top)
+
+
+def preprocess(path, size: int = 640):
+    """Image file -> (uint8 CHW RGB tensor, meta) where meta maps network boxes back to the original image."""
+    im0 = read_image(path)
+    resized = load_resized(im0, size)
+    canvas, pad = letterbox(resized, size)
+    chw = np.ascontiguousarray(canvas[:, :, ::-1].transpose(2, 0, 1))
+    meta = {"shape0": im0.shape[:2], "shape1": resized.shape[:2], "pad": pad}
+    return chw, meta
+
+
+def to_input(batch_u8: np.ndarray) -> np.ndarray:
+    """uint8 NCHW -> the float32 network input in [0, 1]."""
+    return batch_u8.astype(np.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding + NMS (ultralytics non_max_suppression with multi_label=True, agnostic=False, then scale_boxes)
+MAX_WH = 7680  # ultralytics' class offset so one NMS call keeps classes apart
+MAX_NMS = 30000
+
+
+def xywh2xyxy(b):
+    out = np.empty_like(b)
+    out[:, :2] = b[:, :2] - b[:, 2:] / 2
+    out[:, 2:] = b[:, :2] + b[:, 2:] / 2
+    return out
+
+
+def nms(boxes, scores, iou_thres):
+    """Greedy NMS over boxes sorted by descending score (same rule as torchvision.ops.nms); returns kept indices."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    order = np.arange(len(boxes))
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[iou <= iou_thres]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(pred, conf=0.001, iou=0.7, max_det=300):
+    """One image's raw output [4+nc, anchors] -> detections [n, 6] (x1, y1, x2, y2, score, class) in network pixels."""
+    pred = np.asarray(pred, dtype=np.float32)
+    boxes, cls = pred[:4].T, pred[4:].T
+    i, j = np.nonzero(cls > conf)  # multi-label: one candidate per (anchor, class) above threshold
+    if i.size == 0:
+        return np.zeros((0, 6), np.float32)
+    scores = cls[i, j]
+    order = np.argsort(-scores, kind="stable")[:MAX_NMS]
+    i, j, scores = i[order], j[order], scores[order]
+    xyxy = xywh2xyxy(boxes[i])
+    keep = nms(xyxy + j[:, None].astype(np.float32) * MAX_WH, scores, iou)[:max_det]
+    return np.concatenate([xyxy[keep], scores[keep, None], j[keep, None].astype(np.float32)], axis=1)
+
+
+def scale_boxes(det, meta):
+    """Network-pixel boxes -> original-image pixels (ultralytics scale_boxes with the loader's resize ratios)."""
+    det = det.copy()
+    (h0, w0), (h1, w1), (left, top) = meta["shape0"], meta["shape1"], meta["pad"]
+    det[:, [0, 2]] = (det[:, [0, 2]] - left) / (w1 / w0)
+    det[:, [1, 3]] = (det[:, [1, 3]] - top) / (h1 / h0)
+    det[:, [0, 2]] = det[:, [0, 2]].clip(0, w0)
+    det[:, [1, 3]] = det[:, [1, 3]].clip(0, h0)
+    return det
+
+
+# COCO's 80 training classes -> the 91 official category ids (ultralytics data/converter.py)
+COCO80_TO_91 = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+                33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
+                60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]

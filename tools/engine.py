@@ -1,0 +1,122 @@
+"""Recipe -> trtexec command line -> engine + build log.
+
+Works with NVIDIA's trtexec or, where it is missing, with our fallback (`python -m tools.trtexec_py`), which takes
+the same flags. Per-layer precisions are resolved from the recipe's regexes against the ONNX graph's node names
+(TensorRT's ONNX parser names each layer after its node) into --layerPrecisions/--layerOutputTypes.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from tools.common import UserError, atomic_path, run_main
+from tools.recipe import Recipe, load
+from tools.trt_plan import Plan, detect_version, plan
+
+INPUT = "images"
+
+
+def onnx_nodes(onnx_path) -> list[tuple[str, str]]:
+    """(name, op_type) of every node, read without weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, OSError, ... for a damaged file
+        raise UserError(f"{onnx_path}: not a readable ONNX model ({type(e).__name__}); re-export it") from None
+    return [(n.name, n.op_type) for n in model.graph.node]
+
+
+def resolve_layer_precisions(recipe: Recipe, nodes) -> dict[str, str]:
+    """Recipe rules -> {layer name: precision}; a rule that matches nothing is an error (a typo would be silent)."""
+    chosen = {}
+    for rule in recipe.layer_precisions:
+        pattern = re.compile(rule.match)
+        hits = [n for n, op in nodes if pattern.search(n) and (rule.op_type is None or op == rule.op_type)]
+        if not hits:
+            raise UserError(f"recipe {recipe.name!r}: layer_precisions rule {rule.match!r} (op {rule.op_type}) "
+                            f"matches no node of the model; fix the regex")
+        chosen.update({n: rule.precision for n in hits})
+    return chosen
+
+
+def shape(batch: int, imgsz: int) -> str:
+    return f"{INPUT}:{batch}x3x{imgsz}x{imgsz}"
+
+
+def build_args(recipe: Recipe, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
+               layer_precisions: dict[str, str] | None = None) -> list[str]:
+    """trtexec flags for building this recipe's engine (one dynamic-batch profile covering all bench batches)."""
+    args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+            f"--minShapes={shape(recipe.min_batch, recipe.imgsz)}",
+            f"--optShapes={shape(recipe.opt_batch, recipe.imgsz)}",
+            f"--maxShapes={shape(recipe.max_batch, recipe.imgsz)}",
+            *p.precision_flags,
+            f"--builderOptimizationLevel={recipe.builder_optimization_level}"]
+    if p.implicit_calibration:
+        if calib_cache is None:
+            raise UserError(f"recipe {recipe.name!r}: int8-implicit needs a calibration cache; run its calib step")
+        args.append(f"--calib={calib_cache}")
+    if layer_precisions and p.layer_precisions:
+        spec = ",".join(f"{name}:{prec}" for name, prec in layer_precisions.items())
+        args += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
+    if timing_cache:
+        args.append(f"--timingCacheFile={timing_cache}")
+    args.append("--skipInference")
+    return args
+
+
+def run_logged(cmd: list[str], log_path) -> tuple[int, float]:
+    """Run `cmd` with its output into `log_path` (renamed into place even on failure: the log says why)."""
+    t0 = time.perf_counter()
+    with atomic_path(log_path) as tmp, open(tmp, "w") as log:
+        log.write(f"# {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    return rc, time.perf_counter() - t0
+
+
+def build(recipe: Recipe, p: Plan, trtexec: list[str], onnx_path, engine_path, log_path,
+          timing_cache=None, calib_cache=None) -> float:
+    """Build the engine into `engine_path` (only whole engines land there); returns the wall time in seconds."""
+    precisions = resolve_layer_precisions(recipe, onnx_nodes(onnx_path)) if p.layer_precisions else {}
+    engine_path = Path(engine_path)
+    with atomic_path(engine_path) as tmp_engine:
+        cmd = trtexec + build_args(recipe, p, onnx_path, tmp_engine, timing_cache, calib_cache, precisions)
+        rc, seconds = run_logged(cmd, log_path)
+        if rc != 0 or not tmp_engine.stat().st_size:
+            raise UserError(f"{log_path}: engine build for recipe {recipe.name!r} failed (exit {rc}); "
+                            f"read the log's last lines")
+    return seconds
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.engine", description=__doc__)
+    ap.add_argument("recipe")
+    ap.add_argument("--onnx", required=True, help="the ONNX to build (the quantized one for int8-qdq)")
+    ap.add_argument("-o", "--engine", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--trt", default=None, help="TensorRT version (default: the installed one)")
+    ap.add_argument("--trtexec", default="trtexec", help="trtexec command (default: trtexec)")
+    ap.add_argument("--timing-cache")
+    ap.add_argument("--calib-cache")
+    ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")
+    args = ap.parse_args(argv)
+    recipe = load(args.recipe)
+    p = plan(recipe, args.trt or detect_version())
+    trtexec = shlex.split(args.trtexec)
+    if args.print_only:
+        precisions = resolve_layer_precisions(recipe, onnx_nodes(args.onnx)) if p.layer_precisions else {}
+        print(shlex.join(trtexec + build_args(recipe, p, args.onnx, args.engine, args.timing_cache,
+                                               args.calib_cache, precisions)))
+        return
+    seconds = build(recipe, p, trtexec, args.onnx, args.engine, args.log, args.timing_cache, args.calib_cache)
+    print(f"built {args.engine} in {seconds:.1f} s (log {args.log})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,200 @@
+"""COCO mAP50-95 / mAP50 of an ONNX model (ONNX Runtime) or a TensorRT engine on a folder of COCO images.
+
+Decoding and NMS follow ultralytics' validation (conf 0.001, IoU 0.7, 300 detections, multi-label, square 640
+letterbox); pycocotools scores the detections. The images whose ids are listed in `exact_ids.txt` (official
+annotations) are also scored on their own.
+Usage: python -m tools.evaluate models/yolo11/yolo11n.onnx --images DIR [--annotations DIR/annotations.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tools.common import COCO80_TO_91, UserError, list_images, postprocess, preprocess, run_main, scale_boxes, \
+    to_input, write_json
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends: .infer(float32 NCHW) -> float32 [N, 4 + classes, anchors]
+class OnnxrtBackend:
+    def __init__(self, onnx_path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        # onnxruntime-gpu lists CUDA even on machines without a GPU, then fails loudly: ask only where one exists
+        wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if os.path.exists("/dev/nvidiactl") else \
+            ("CPUExecutionProvider",)
+        providers = [p for p in wanted if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        except Exception as e:  # ORT raises its own InvalidGraph/Fail/NoSuchFile types
+            raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
+        self.input = self.session.get_inputs()[0].name
+        self.name = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
+
+    def infer(self, x):
+        return self.session.run(None, {self.input: x})[0]
+
+
+class TrtBackend:
+    def __init__(self, engine_path):
+        import tensorrt as trt
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        if not Path(engine_path).is_file():
+            raise UserError(f"{engine_path}: no such engine; build it first (make engine)")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
+            raise UserError(f"{engine_path}: TensorRT {trt.__version__} cannot load it (another TensorRT version or "
+                            f"GPU built it); rebuild it with make engine")
+        self.runner = TrtRunner(engine)
+        self.runner.activate()
+        self.name = f"TensorRT {trt.__version__}"
+
+    def infer(self, x):
+        out = self.runner.infer({"images": x}, copy_outputs_to_host=True)
+        return np.asarray(next(iter(out.values())))
+
+    def close(self):
+        self.runner.deactivate()
+
+
+def make_backend(model):
+    suffix = Path(model).suffix
+    if suffix == ".onnx":
+        return OnnxrtBackend(model)
+    if suffix in (".engine", ".plan", ".trt"):
+        return TrtBackend(model)
+    raise UserError(f"{model}: expected a .onnx model or an .engine file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _preprocess(args):
+    path, imgsz = args
+    chw, meta = preprocess(path, imgsz)
+    return chw, meta
+
+
+def _detections(args):
+    pred, meta, image_id, conf, iou, max_det = args
+    det = scale_boxes(postprocess(pred, conf, iou, max_det), meta)
+    return [{"image_id": image_id, "category_id": COCO80_TO_91[int(c)],
+             "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
+             "score": round(float(s), 5)} for x1, y1, x2, y2, s, c in det]
+
+
+def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=300, pool=None,
+            prep_cache: dict | None = None) -> list[dict]:
+    """Detections of every image in COCO results format. `prep_cache` keeps preprocessed images between calls
+    (a sweep scores every configuration on the same images)."""
+    from tqdm import tqdm
+
+    imap = pool.imap if pool else map
+    cache = {} if prep_cache is None else prep_cache
+    results = []
+    with tqdm(total=len(files), desc="predict", unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(files), batch):
+            chunk = files[start:start + batch]
+            todo = [p for p in chunk if (p, imgsz) not in cache]
+            cache.update(zip([(p, imgsz) for p in todo], imap(_preprocess, [(p, imgsz) for p in todo])))
+            pre = [cache[(p, imgsz)] for p in chunk]
+            raw = backend.infer(to_input(np.stack([c for c, _ in pre])))
+            jobs = [(raw[i], pre[i][1], int(p.stem), conf, iou, max_det) for i, p in enumerate(chunk)]
+            for dets in imap(_detections, jobs):
+                results += dets
+            bar.update(len(chunk))
+    return results
+
+
+def coco_map(coco_gt, detections, image_ids) -> dict:
+    """pycocotools bbox mAP50-95 and mAP50 over `image_ids` (COCOeval's printout swallowed)."""
+    from pycocotools.cocoeval import COCOeval
+
+    dets = [d for d in detections if d["image_id"] in set(image_ids)]
+    if not dets:
+        return {"images": len(image_ids), "map50_95": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(dets)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"images": len(image_ids), "map50_95": round(float(ev.stats[0]), 5), "map50": round(float(ev.stats[1]), 5)}
+
+
+def load_ground_truth(image_dir, annotations=None):
+    from pycocotools.coco import COCO
+
+    image_dir = Path(image_dir)
+    annotations = Path(annotations) if annotations else image_dir / "annotations.json"
+    if not annotations.is_file():
+        raise UserError(f"{annotations}: no COCO annotations file; pass --annotations path/to/instances.json")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(annotations))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{annotations}: not a COCO instances file ({type(e).__name__}: {e})") from None
+    files = list_images(image_dir)
+    missing = [p.name for p in files if not p.stem.isdigit() or int(p.stem) not in coco.imgs]
+    if missing:
+        raise UserError(f"{annotations}: has no entry for image {missing[0]} (and {len(missing) - 1} more); "
+                        f"pass the annotations of this image folder")
+    exact_file = annotations.parent / "exact_ids.txt"
+    exact = {int(x) for x in exact_file.read_text().split()} if exact_file.is_file() else set()
+    return coco, files, exact
+
+
+def evaluate(model, image_dir, annotations=None, batch=32, imgsz=640, limit=None, workers=None,
+             prep_cache: dict | None = None) -> dict:
+    coco, files, exact = load_ground_truth(image_dir, annotations)
+    files = files[:limit] if limit else files
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    ctx = mp.get_context("fork")
+    with (ctx.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        backend = make_backend(model)  # after the fork: workers never touch CUDA
+        dets = predict(backend, files, imgsz, batch, pool=pool, prep_cache=prep_cache)
+        getattr(backend, "close", lambda: None)()
+    ids = [int(p.stem) for p in files]
+    out = {"model": str(model), "backend": backend.name, "image_dir": str(image_dir), "batch": batch,
+           **coco_map(coco, dets, ids)}
+    exact_ids = [i for i in ids if i in exact]
+    if exact_ids:
+        out["exact"] = coco_map(coco, dets, exact_ids)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__)
+    ap.add_argument("model", help=".onnx (ONNX Runtime) or .engine (TensorRT)")
+    ap.add_argument("--images", required=True, help="folder of COCO images named by id (or its parent)")
+    ap.add_argument("--annotations", help="COCO instances JSON (default: <images>/annotations.json)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--limit", type=int, help="only the first N images")
+    ap.add_argument("--workers", type=int, help="preprocessing/NMS processes")
+    ap.add_argument("-o", "--output", help="JSON to write")
+    args = ap.parse_args(argv)
+    res = evaluate(args.model, args.images, args.annotations, args.batch, args.imgsz, args.limit, args.workers)
+    if args.output:
+        write_json(args.output, res)
+    line = f"{Path(args.model).name}: mAP50-95 {res['map50_95']:.4f}  mAP50 {res['map50']:.4f}  ({res['images']} images)"
+    if "exact" in res:
+        line += f"; exact-annotation subset: {res['exact']['map50_95']:.4f} / {res['exact']['map50']:.4f} " \
+                f"({res['exact']['images']} images)"
+    print(line)
+
+
+if __name__ == "__main__":
+    run_main(main)

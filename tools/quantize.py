@@ -1,0 +1,177 @@
+"""ModelOpt ONNX PTQ (INT8 Q/DQ) of a recipe, through the `modelopt.onnx.quantization` CLI.
+
+Two ModelOpt runs, both logged with their exact command:
+1. calibrate: quantize everything on the calibration tensor and keep the activation scales as a TensorRT-format
+   calibration cache. Scales depend only on the float model, the images and the method, so one cache serves
+   every exclusion set (the expensive part runs once per method x image count, not once per sweep point).
+2. quantize: apply the recipe (exclusions, high-precision dtype) with `--calibration_cache_path`.
+A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import struct
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tools.calib import build_calibration, select_images
+from tools.common import UserError, atomic_path, list_images, run_main, sha256_file, write_json, write_text
+from tools.engine import run_logged
+from tools.recipe import Recipe, digest, load
+from tools.trt_plan import plan
+
+MODELOPT = [sys.executable, "-m", "modelopt.onnx.quantization"]
+
+
+def model_digest(onnx_path) -> str:
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX model; run `make export` or pass MODEL_ONNX=...")
+    return sha256_file(path)[:12]
+
+
+def calibration_name(recipe: Recipe, calib_dir, root: Path) -> Path:
+    """Where the recipe's calibration tensor lives, named by the chosen images' content (no collision across
+    folders); cheap: only hashes the chosen files."""
+    files = select_images(list_images(calib_dir), recipe.calib_images, recipe.calib_seed)
+    set_digest = digest([sha256_file(p) for p in files])
+    return root / "calib" / recipe.model / f"{recipe.imgsz}-n{recipe.calib_images}-s{recipe.calib_seed}-{set_digest}.npy"
+
+
+def calibration_npy(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
+    out = calibration_name(recipe, calib_dir, root)
+    if not out.is_file():
+        build_calibration(calib_dir, out, recipe.calib_images, recipe.calib_seed, recipe.imgsz, eval_dir)
+    return out
+
+
+def activation_scales(qdq_onnx) -> dict[str, float]:
+    """{activation tensor: scale} of every QuantizeLinear whose input is not a weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq_onnx))
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            scales[node.input[0]] = float(numpy_helper.to_array(inits[node.input[1]]).reshape(-1)[0])
+    return scales
+
+
+def cache_text(scales: dict[str, float], method: str) -> str:
+    """TensorRT calibration-cache text: a header line, then `tensor: big-endian float32 scale in hex`."""
+    header = "TRT-8601-EntropyCalibration2" if method == "entropy" else "TRT-8601-MinMaxCalibration"
+    return header + "\n" + "".join(f"{k}: {struct.pack('!f', v).hex()}\n" for k, v in sorted(scales.items()))
+
+
+def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
+    """Run ModelOpt's calibration once per (model, images, method); returns the calibration cache."""
+    npy = calibration_name(recipe, calib_dir, root)
+    cache = npy.with_name(f"{npy.stem}.{recipe.calibration_method}-{model_digest(recipe.onnx_path)}.cache")
+    if cache.is_file():
+        return cache
+    npy = calibration_npy(recipe, calib_dir, eval_dir, root)
+    log = root / "logs" / recipe.model / f"{cache.stem}.calibrate.log"
+    with atomic_path(cache.with_suffix(".full.onnx")) as full:
+        cmd = MODELOPT + ["--onnx_path", str(recipe.onnx_path), "--quantize_mode", "int8",
+                          "--calibration_data_path", str(npy), "--calibration_method", recipe.calibration_method,
+                          "--calibration_eps", *recipe.calibration_eps, "--high_precision_dtype", "fp32",
+                          "--output_path", str(full)]
+        rc, seconds = run_logged(cmd, log)
+        if rc != 0:
+            raise UserError(f"{log}: ModelOpt calibration failed (exit {rc}); read the log's last lines")
+        write_text(cache, cache_text(activation_scales(full), recipe.calibration_method))
+    print(f"calibrated {recipe.calibration_method} on {npy.name} in {seconds:.0f} s -> {cache}")
+    return cache
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def node_counts(qdq_onnx) -> dict:
+    """Q/DQ counts and the nodes that run in INT8: weighted ops whose input and weight both come through a
+    DequantizeLinear, other compute ops whose every data input does."""
+    import onnx
+
+    model = onnx.load(str(qdq_onnx), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    inits = {i.name for i in model.graph.initializer}
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+    def int8(n):
+        if n.op_type in WEIGHTED_OPS:
+            return len(n.input) > 1 and n.input[0] in dq_outputs and n.input[1] in dq_outputs
+        data = [i for i in n.input if i and i not in inits]
+        return n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape") and bool(data) and \
+            all(i in dq_outputs for i in data)
+
+    quantized = sorted(n.name for n in model.graph.node if int8(n))
+    return {"QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"],
+            "nodes": sum(ops.values()), "quantized_nodes": len(quantized), "quantized": quantized,
+            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
+    key = digest({**recipe.quantize_settings(), "high_precision_dtype": hp_dtype, "calib": calib_digest,
+                  "model": model_digest(recipe.onnx_path)})
+    return root / "models" / recipe.model / "quant" / f"{recipe.name}.{key}.onnx"
+
+
+def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: Path | None = None) -> Path:
+    """Quantize `recipe` for TensorRT `trt_version`; returns the Q/DQ model (reused when already made)."""
+    from tools.common import REPO
+
+    root = root or REPO
+    if not recipe.quantized:
+        raise UserError(f"recipe {recipe.name!r}: precision {recipe.precision} has no ModelOpt step")
+    hp_dtype = plan(recipe, trt_version).high_precision_dtype
+    out = quantized_path(recipe, hp_dtype, root, calibration_name(recipe, calib_dir, root).stem)
+    if out.is_file():
+        return out
+    if importlib.util.find_spec("modelopt") is None:
+        raise UserError(f"{out}: not quantized yet and ModelOpt is not installed here; run `make quantize` on a "
+                        f"machine with the CPU requirements and bring models/{recipe.model}/quant along")
+    cache = calibrate(recipe, calib_dir, eval_dir, root)
+    log = root / "logs" / recipe.model / f"{out.stem}.quantize.log"
+    shape = f"images:1x3x{recipe.imgsz}x{recipe.imgsz}"
+    with atomic_path(out) as tmp:
+        cmd = MODELOPT + ["--onnx_path", str(recipe.onnx_path), "--quantize_mode", "int8",
+                          "--calibration_cache_path", str(cache), "--calibration_shapes", shape,
+                          "--calibration_method", recipe.calibration_method,
+                          "--calibration_eps", *recipe.calibration_eps, "--high_precision_dtype", hp_dtype,
+                          "--output_path", str(tmp)]
+        if recipe.nodes_to_exclude:
+            cmd += ["--nodes_to_exclude", *recipe.nodes_to_exclude]
+        if recipe.op_types_to_exclude:
+            cmd += ["--op_types_to_exclude", *recipe.op_types_to_exclude]
+        rc, seconds = run_logged(cmd, log)
+        if rc != 0 or not tmp.stat().st_size:
+            raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
+                            f"read the log's last lines")
+        counts = node_counts(tmp)
+    import modelopt
+
+    write_json(out.with_suffix(".json"), {
+        "recipe": recipe.name, "settings": recipe.quantize_settings(), "high_precision_dtype": hp_dtype,
+        "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
+        "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
+        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts})
+    print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.quantize", description=__doc__)
+    ap.add_argument("recipe")
+    ap.add_argument("--calib-dir", required=True, help="calibration image folder")
+    ap.add_argument("--eval-dir", help="evaluation image folder (checked for overlap)")
+    ap.add_argument("--trt", default="10", help="TensorRT version the model is for (8.6 / 10 / 11)")
+    args = ap.parse_args(argv)
+    print(quantize(load(args.recipe), args.trt, args.calib_dir, args.eval_dir))
+
+
+if __name__ == "__main__":
+    run_main(main)

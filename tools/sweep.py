@@ -1,0 +1,206 @@
+"""Sweep: expand a grid into recipes and run each end to end (quantize -> engine -> bench -> accuracy).
+
+Every point is keyed by a hash of its inputs and settings (see tools.pipeline), so a sweep killed half-way and
+started again redoes no finished work. Writes results/<model>/sweep.{json,csv}: one row per configuration and
+batch size. Points whose settings coincide (the base and a reference, say) run once.
+Usage: python -m tools.sweep recipes/grids/yolo11n.yaml [--stages cpu|gpu|all] [pipeline flags]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from tools.common import REPO, UserError, run_main, write_json, write_text
+from tools.pipeline import CPU_STAGES, STAGES, add_setup_args, have_tensorrt, parse_stages, run_recipe, setup_from_args
+from tools.recipe import Recipe, digest, load
+from tools.summary import engine_rows
+from tools.trtlog import to_csv
+
+SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    model: str
+    base: Recipe
+    design: str
+    references: tuple[Recipe, ...]
+    axes: dict  # key -> {label: value}
+    bench: dict
+
+
+def axis_values(key: str, values, root: Path) -> dict:
+    """An axis as {label: value}; lists get labels from their values, mappings name their values."""
+    if isinstance(values, list):
+        return {f"{SHORT.get(key, key + '=')}{v}": v for v in values}
+    if not isinstance(values, dict):
+        raise UserError(f"grid axis {key!r}: give a list of values or a mapping of label: value")
+    out = {}
+    for label, v in values.items():
+        if isinstance(v, dict) and "from" in v:
+            v = proposal(root / v["from"])
+            if v is None:
+                continue
+        out[f"{SHORT.get(key, key + '=')}{label}"] = v
+    return out
+
+
+def proposal(path: Path):
+    """The exclusion set `make sensitivity` proposed, or None (with a note) when it has not run."""
+    if not path.is_file():
+        print(f"note: {path} does not exist yet (run `make sensitivity`); its axis value is left out")
+        return None
+    return json.loads(path.read_text())["proposal"]["nodes_to_exclude"]
+
+
+def load_grid(path, root: Path = REPO) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such grid; see recipes/grids/ for examples")
+    g = yaml.safe_load(path.read_text()) or {}
+    unknown = set(g) - {"model", "base", "design", "references", "axes", "bench"}
+    if unknown:
+        raise UserError(f"{path}: unknown grid key(s) {sorted(unknown)}; valid: model, base, design, references, axes, bench")
+    if g.get("design", "one-at-a-time") not in ("one-at-a-time", "product"):
+        raise UserError(f"{path}: design must be one-at-a-time or product")
+    base = load(root / g["base"])
+    axes = {}
+    for key, values in (g.get("axes") or {}).items():
+        if key not in {f.name for f in dataclasses.fields(Recipe)}:
+            raise UserError(f"{path}: axis {key!r} is not a recipe key")
+        axes[key] = axis_values(key, values, root)
+    return Grid(g.get("model", base.model), base, g.get("design", "one-at-a-time"),
+                tuple(load(root / r) for r in g.get("references", [])), axes, g.get("bench") or {})
+
+
+def label_of(key: str, value, axis: dict) -> str:
+    for label, v in axis.items():
+        if v == value or (isinstance(v, list) and tuple(v) == value):
+            return label
+    return f"{SHORT.get(key, key + '=')}{digest(value)[:6]}"
+
+
+def point_name(grid: Grid, recipe: Recipe) -> str:
+    parts = [label_of(k, getattr(recipe, k), grid.axes[k]) for k in grid.axes]
+    return "qdq-" + "-".join(parts) if recipe.precision == "int8-qdq" else recipe.precision + "-" + "-".join(parts)
+
+
+def expand(grid: Grid) -> list[Recipe]:
+    """References first, then the grid's points; points with identical settings collapse to the first."""
+    combos = []
+    if grid.design == "product":
+        keys = list(grid.axes)
+        for values in itertools.product(*(grid.axes[k].values() for k in keys)):
+            combos.append(dict(zip(keys, values)))
+    else:
+        combos.append({})
+        for key, axis in grid.axes.items():
+            for value in axis.values():
+                normal = tuple(value) if isinstance(value, list) else value
+                if normal != getattr(grid.base, key):
+                    combos.append({key: value})
+    points, seen = [], {}
+    for ref in grid.references:
+        seen.setdefault(digest(ref.settings()), ref.name)
+        points.append(ref)
+    for changes in combos:
+        r = grid.base.replace(**changes)
+        r = r.replace(name=point_name(grid, r), description=f"sweep point of {grid.base.name}: {changes or 'base'}")
+        if digest(r.settings()) in seen:
+            continue
+        seen[digest(r.settings())] = r.name
+        points.append(r)
+    return points
+
+
+def sweep_rows(records: list[dict], grid: Grid) -> list[dict]:
+    rows = []
+    for rec in records:
+        recipe = rec["recipe"]
+        meta = {"config": rec["name"], "precision": rec["precision"], "key": rec["key"],
+                **{k: (label_of(k, tuple(recipe[k]) if isinstance(recipe[k], list) else recipe[k], grid.axes[k])
+                       if rec["precision"] == "int8-qdq" else "") for k in grid.axes},
+                "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
+        rows += [{**meta, **row} for row in engine_rows(rec)]
+    return rows
+
+
+def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
+              publish=lambda records, failures, planned, complete: None) -> tuple[list[dict], dict]:
+    """Run every point (or those whose name contains one of `only`; references always run, as the yardstick)."""
+    from tqdm import tqdm
+
+    refs = {r.name for r in grid.references}
+    points = [p for p in expand(grid) if not only or p.name in refs or any(o in p.name for o in only)]
+    records, failures = [], {}
+    bench = dataclasses.replace(setup, cuda_graphs=tuple(grid.bench.get("cuda_graphs", setup.cuda_graphs)),
+                                duration_s=grid.bench.get("duration_s", setup.duration_s),
+                                warmup_ms=grid.bench.get("warmup_ms", setup.warmup_ms))
+    with tqdm(points, desc="sweep", unit="point") as bar:
+        for recipe in bar:
+            bar.set_postfix_str(recipe.name)
+            try:
+                rec = runner(recipe, setup if recipe.name in refs else bench, stages, log=bar.write)
+            except UserError as e:
+                failures[recipe.name] = str(e)
+                bar.write(f"  {recipe.name}: FAILED: {e}")
+                continue
+            if rec and all(k in rec for k in ("build", "bench", "accuracy")):
+                records.append(rec)
+                publish(records, failures, len(points), False)
+    publish(records, failures, len(points), not failures and len(records) == len(points))
+    return records, failures
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__)
+    ap.add_argument("grid")
+    ap.add_argument("--stages", default="calib,quantize,engine,bench,accuracy",
+                    help="comma-separated stages (default: all but onnxrt), or cpu / gpu")
+    ap.add_argument("--list", action="store_true", help="print the expanded points and exit")
+    ap.add_argument("--only", help="comma-separated parts of point names to run (references always run)")
+    ap.add_argument("--references", help="comma-separated reference names to keep (default: all)")
+    add_setup_args(ap)
+    args = ap.parse_args(argv)
+    grid = load_grid(args.grid)
+    if args.references:
+        keep = args.references.split(",")
+        grid = dataclasses.replace(grid, references=tuple(r for r in grid.references if r.name in keep))
+    if args.list:
+        for r in expand(grid):
+            print(f"{r.name:40s} {digest(r.settings())}")
+        return
+    stages = parse_stages(args.stages)
+    if set(stages) - set(CPU_STAGES) and not have_tensorrt():
+        print("TensorRT is not installed here: running the CPU stages only (quantize every point)")
+        stages = tuple(s for s in stages if s in CPU_STAGES)
+    t0 = time.perf_counter()
+    out = REPO / "results" / grid.model
+
+    def publish(records, failures, planned, complete):
+        """Rewrite the sweep table after every point, so an interrupted sweep still leaves what it measured."""
+        if not records:
+            return
+        rows = sweep_rows(records, grid)
+        write_json(out / "sweep.json", {"grid": str(args.grid), "design": grid.design, "points": len(records),
+                                        "points_planned": planned, "complete": complete, "failures": failures,
+                                        "seconds": round(time.perf_counter() - t0), "rows": rows})
+        write_text(out / "sweep.csv", to_csv(rows))
+
+    records, failures = run_sweep(grid, setup_from_args(args), stages,
+                                  only=args.only.split(",") if args.only else None, publish=publish)
+    if records:
+        print(f"wrote {out / 'sweep.csv'}: {len(records)} configurations")
+    for name, err in failures.items():
+        print(f"failed: {name}: {err}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

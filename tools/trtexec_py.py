@@ -1,0 +1,369 @@
+"""Fallback for NVIDIA's trtexec where it is not installed: the same flags (the subset our recipes use), built and
+timed through the TensorRT Python API, printing trtexec's summary lines so one log parser serves both.
+
+It says what it is in its first line: it is not trtexec, and its timings come from its own loop (CUDA events around
+each enqueue or CUDA-graph launch on one stream, like trtexec's default), not from trtexec's.
+Imports only tensorrt, numpy and polygraphy (for the CUDA runtime); runs under TensorRT 8.6, 10 and 11.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tools.common import UserError, atomic_path, run_main
+
+FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
+                    "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
+                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device"}
+SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
+            "useSpinWait"}
+
+
+def parse_flags(argv: list[str]) -> dict:
+    """trtexec-style `--name=value` / `--switch` arguments -> dict; anything else is refused by name."""
+    opts = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"trtexec_py: unexpected argument {arg!r}; flags look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if name in SWITCHES and not eq:
+            opts[name] = True
+        elif name in FLAGS_WITH_VALUE and eq:
+            opts[name] = value
+        else:
+            raise UserError(f"trtexec_py: flag --{name} is not supported by the fallback; install NVIDIA's trtexec "
+                            f"(TRTEXEC=/path/to/trtexec) or drop the flag")
+    if ("onnx" in opts) == ("loadEngine" in opts):
+        raise UserError("trtexec_py: give exactly one of --onnx=model.onnx or --loadEngine=model.engine")
+    return opts
+
+
+def parse_shapes(spec: str) -> dict[str, tuple[int, ...]]:
+    """'images:1x3x640x640,other:2x4' -> {'images': (1, 3, 640, 640), ...}"""
+    shapes = {}
+    for item in spec.split(","):
+        name, _, dims = item.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            raise UserError(f"trtexec_py: bad shape {item!r}; write name:1x3x640x640") from None
+    return shapes
+
+
+def parse_layer_spec(spec: str | None) -> dict[str, str]:
+    """'layerA:fp32,layerB:fp16' -> {'layerA': 'fp32', ...}; layer names may themselves contain ':'."""
+    if not spec:
+        return {}
+    return dict(item.rsplit(":", 1) for item in spec.split(","))
+
+
+def stats_line(label: str, values_ms: np.ndarray, percentiles) -> str:
+    v = np.sort(values_ms)
+    pct = ", ".join(f"percentile({p:g}%) = {v[min(len(v) - 1, int(len(v) * p / 100))]:g} ms" for p in percentiles)
+    return (f"[I] {label}: min = {v[0]:g} ms, max = {v[-1]:g} ms, mean = {v.mean():g} ms, "
+            f"median = {np.median(v):g} ms, {pct}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class Fallback:
+    def __init__(self, opts: dict):
+        import tensorrt as trt
+
+        self.trt, self.opts = trt, opts
+        self.major = int(trt.__version__.split(".")[0])
+        self.logger = trt.Logger(trt.Logger.VERBOSE if opts.get("verbose") else trt.Logger.WARNING)
+
+    def log(self, line: str):
+        print(line, flush=True)
+
+    # --- build ------------------------------------------------------------------------------------------------
+    def build(self) -> bytes:
+        trt, o = self.trt, self.opts
+        builder = trt.Builder(self.logger)
+        flags = 0
+        if self.major < 10:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if o.get("stronglyTyped"):
+            if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+                raise UserError(f"trtexec_py: --stronglyTyped needs TensorRT >= 9 (this is {trt.__version__})")
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(o["onnx"]):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise UserError(f"{o['onnx']}: TensorRT's ONNX parser failed: {errors}")
+        config = builder.create_builder_config()
+        for switch, flag in (("fp16", "FP16"), ("int8", "INT8")):
+            if o.get(switch):
+                if not hasattr(trt.BuilderFlag, flag):
+                    raise UserError(f"trtexec_py: --{switch} does not exist in TensorRT {trt.__version__} "
+                                    f"(strongly typed only); bake the precision into the ONNX and use --stronglyTyped")
+                config.set_flag(getattr(trt.BuilderFlag, flag))
+        if "builderOptimizationLevel" in o:
+            config.builder_optimization_level = int(o["builderOptimizationLevel"])
+        profile = self._profile(builder, network)
+        if profile is not None:
+            config.add_optimization_profile(profile)
+        if "calib" in o:
+            config.int8_calibrator = cache_calibrator(trt, Path(o["calib"]).read_bytes())
+            if profile is not None and self.major < 10:
+                config.set_calibration_profile(profile)
+        self._layer_precisions(network, config)
+        cache_path = o.get("timingCacheFile")
+        if cache_path:
+            blob = Path(cache_path).read_bytes() if Path(cache_path).is_file() else b""
+            config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
+        t0 = time.perf_counter()
+        plan = builder.build_serialized_network(network, config)
+        seconds = time.perf_counter() - t0
+        if plan is None:
+            raise UserError(f"{o['onnx']}: TensorRT could not build an engine (see the errors above)")
+        if cache_path:
+            with atomic_path(cache_path) as tmp:
+                tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        self.log(f"[I] Engine built in {seconds:.3f} sec.")
+        self.log(f"[I] Created engine with size: {plan.nbytes / 2**20:.4f} MiB")
+        return bytes(plan)
+
+    def _profile(self, builder, network):
+        o = self.opts
+        if not any(k in o for k in ("minShapes", "optShapes", "maxShapes")):
+            return None
+        mins, opts, maxs = (parse_shapes(o.get(k, o.get("optShapes", ""))) for k in
+                            ("minShapes", "optShapes", "maxShapes"))
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            if name not in opts:
+                raise UserError(f"trtexec_py: no --optShapes for input {name!r}")
+            profile.set_shape(name, mins.get(name, opts[name]), opts[name], maxs.get(name, opts[name]))
+        return profile
+
+    def _layer_precisions(self, network, config):
+        trt, o = self.trt, self.opts
+        precisions = parse_layer_spec(o.get("layerPrecisions"))
+        output_types = parse_layer_spec(o.get("layerOutputTypes"))
+        if not (precisions or output_types):
+            return
+        constraint = o.get("precisionConstraints", "none")
+        if constraint == "obey":
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        elif constraint == "prefer":
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        dtypes = {"fp32": trt.float32, "fp16": trt.float16, "int8": trt.int8}
+        found = set()
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.name in precisions:
+                layer.precision = dtypes[precisions[layer.name]]
+                found.add(layer.name)
+            if layer.name in output_types:
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, dtypes[output_types[layer.name]])
+                found.add(layer.name)
+        missing = (set(precisions) | set(output_types)) - found
+        if missing:
+            raise UserError(f"trtexec_py: --layerPrecisions names no layer of the network: {sorted(missing)[:3]}")
+        self.log(f"[I] Layer precision constraints ({constraint}) on {len(found)} layers")
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def infer(self, plan: bytes):
+        from polygraphy import cuda
+
+        trt, o = self.trt, self.opts
+        runtime = trt.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise UserError(f"{o.get('loadEngine', 'engine')}: TensorRT {trt.__version__} cannot load this engine "
+                            f"(built by another TensorRT version or for another GPU); rebuild it here")
+        cudart = cuda.wrapper().handle
+        free0 = gpu_free_bytes(cudart)
+        context = engine.create_execution_context()
+        shapes = parse_shapes(o["shapes"]) if "shapes" in o else {}
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        for name in inputs:
+            shape = shapes.get(name, tuple(engine.get_tensor_shape(name)))
+            if any(d < 0 for d in shape):
+                raise UserError(f"trtexec_py: input {name!r} is dynamic; pass --shapes={name}:1x3x640x640")
+            context.set_input_shape(name, shape)
+        buffers, hosts = {}, {}
+        for name in names:
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            buffers[name] = cuda.DeviceArray(shape=shape, dtype=dtype)
+            hosts[name] = np.random.default_rng(0).random(shape).astype(dtype) if name in inputs else \
+                np.empty(shape, dtype)
+            context.set_tensor_address(name, buffers[name].ptr)
+        stream = cuda.Stream()
+        for name in inputs:
+            buffers[name].copy_from(hosts[name], stream)
+        used_mib = (free0 - gpu_free_bytes(cudart)) / 2**20
+        self.log(f"[I] Total Activation Memory: {engine.device_memory_size} bytes")
+        self.log(f"[I] GPU memory used by engine, context and buffers: {used_mib:.1f} MiB")
+
+        transfers = not o.get("noDataTransfers")
+
+        def enqueue():
+            if transfers:
+                for name in inputs:
+                    buffers[name].copy_from(hosts[name], stream)
+            if not context.execute_async_v3(stream.ptr):
+                raise UserError("trtexec_py: execute_async_v3 failed")
+            if transfers:
+                for name in names:
+                    if name not in inputs:
+                        buffers[name].copy_to(hosts[name], stream)
+
+        launch = enqueue
+        graph_exec = None
+        if o.get("useCudaGraph"):
+            enqueue()  # TensorRT allocates lazily on the first enqueue; that must not happen inside the capture
+            stream.synchronize()
+            graph_exec = capture_graph(cudart, stream.ptr, enqueue)
+            launch = lambda: check(cudart.cudaGraphLaunch(graph_exec, ctypes.c_void_p(stream.ptr)),  # noqa: E731
+                                   "cudaGraphLaunch")
+        timer = EventTimer(cudart, stream.ptr)
+        warm_ms, duration_s = float(o.get("warmUp", 200)), float(o.get("duration", 3))
+        min_iters = int(o.get("iterations", 10))
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < warm_ms:
+            launch()
+            stream.synchronize()
+        enqueue_ms = []
+        t0 = time.perf_counter()
+        while len(enqueue_ms) < min_iters or time.perf_counter() - t0 < duration_s:
+            e0 = time.perf_counter()
+            timer.time(launch)
+            enqueue_ms.append((time.perf_counter() - e0) * 1e3)
+            if len(enqueue_ms) % 64 == 0:
+                stream.synchronize()  # keep the host at most 64 launches ahead, as trtexec's queue does
+        stream.synchronize()
+        walltime = time.perf_counter() - t0
+        gpu_ms = timer.elapsed_ms()
+        percentiles = [float(p) for p in o.get("percentile", "90,95,99").split(",")]
+        self.log("[I] === Performance summary ===")
+        self.log(f"[I] Throughput: {len(gpu_ms) / walltime:g} qps")
+        self.log(stats_line("Latency", gpu_ms, percentiles))
+        self.log(stats_line("Enqueue Time", np.asarray(enqueue_ms), percentiles))
+        self.log(stats_line("GPU Compute Time", gpu_ms, percentiles))
+        self.log(f"[I] Total Host Walltime: {walltime:g} s")
+        self.log(f"[I] Total GPU Compute Time: {gpu_ms.sum() / 1e3:g} s")
+        if transfers:
+            self.log("[I] Note: with data transfers, Latency and GPU Compute Time both include the copies")
+        if graph_exec is not None:
+            cudart.cudaGraphExecDestroy(graph_exec)
+        timer.free()
+        for b in buffers.values():
+            b.free()
+        stream.free()
+
+
+def check(status: int, what: str):
+    if status != 0:
+        raise UserError(f"trtexec_py: CUDA error {status} in {what}")
+
+
+def gpu_free_bytes(cudart) -> int:
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    check(cudart.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)), "cudaMemGetInfo")
+    return free.value
+
+
+def capture_graph(cudart, stream: int, enqueue) -> ctypes.c_void_p:
+    graph, graph_exec = ctypes.c_void_p(), ctypes.c_void_p()
+    check(cudart.cudaStreamBeginCapture(ctypes.c_void_p(stream), 2), "cudaStreamBeginCapture")  # 2 = relaxed
+    enqueue()
+    check(cudart.cudaStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph)), "cudaStreamEndCapture")
+    check(cudart.cudaGraphInstantiate(ctypes.byref(graph_exec), graph, ctypes.c_ulonglong(0)), "cudaGraphInstantiate")
+    cudart.cudaGraphDestroy(graph)
+    return graph_exec
+
+
+class EventTimer:
+    """GPU time of each launch from a pair of CUDA events recorded around it on the stream."""
+
+    def __init__(self, cudart, stream: int):
+        self.cudart, self.stream, self.pairs = cudart, ctypes.c_void_p(stream), []
+
+    def _event(self):
+        ev = ctypes.c_void_p()
+        check(self.cudart.cudaEventCreate(ctypes.byref(ev)), "cudaEventCreate")
+        return ev
+
+    def time(self, launch):
+        start, end = self._event(), self._event()
+        check(self.cudart.cudaEventRecord(start, self.stream), "cudaEventRecord")
+        launch()
+        check(self.cudart.cudaEventRecord(end, self.stream), "cudaEventRecord")
+        self.pairs.append((start, end))
+
+    def elapsed_ms(self) -> np.ndarray:
+        out = np.empty(len(self.pairs))
+        ms = ctypes.c_float()
+        for i, (start, end) in enumerate(self.pairs):
+            check(self.cudart.cudaEventElapsedTime(ctypes.byref(ms), start, end), "cudaEventElapsedTime")
+            out[i] = ms.value
+        return out
+
+    def free(self):
+        for start, end in self.pairs:
+            self.cudart.cudaEventDestroy(start)
+            self.cudart.cudaEventDestroy(end)
+        self.pairs = []
+
+
+def cache_calibrator(trt, cache: bytes):
+    """A calibrator that only replays a calibration cache (as trtexec --calib does); its algorithm follows the
+    cache's header, since TensorRT ignores a cache written by another algorithm."""
+    header = cache.split(b"\n", 1)[0]
+    base = trt.IInt8MinMaxCalibrator if b"MinMax" in header else trt.IInt8EntropyCalibrator2
+
+    class CacheCalibrator(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def get_batch_size(self):
+            return 1
+
+        def get_batch(self, names):
+            return None
+
+        def read_calibration_cache(self):
+            return cache
+
+        def write_calibration_cache(self, data):
+            return None
+
+    return CacheCalibrator()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse_flags(argv)
+    import tensorrt as trt
+
+    print(f"&&&& RUNNING trtexec_py (this repo's fallback for trtexec, TensorRT Python API) [TensorRT v{trt.__version__}]"
+          f" # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
+    fb = Fallback(opts)
+    if "onnx" in opts:
+        plan = fb.build()
+        if "saveEngine" in opts:
+            with atomic_path(opts["saveEngine"]) as tmp:
+                tmp.write_bytes(plan)
+    else:
+        path = Path(opts["loadEngine"])
+        if not path.is_file():
+            raise UserError(f"{path}: no such engine; build it first (make engine)")
+        plan = path.read_bytes()
+    if not opts.get("skipInference"):
+        fb.infer(plan)
+    print(f"&&&& PASSED trtexec_py # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
