@@ -8,6 +8,8 @@ RECIPE     ?= recipes/$(MODEL)/int8-qdq.yaml
 ONNX       ?= models/yolo11/$(MODEL).onnx
 PT         ?=
 CALIB_DIR  ?= calib/images
+# the recipes calibrate on 400 images; the 32 that ship are enough to run everything, so they override the count
+CALIB_IMAGES ?= $(if $(filter calib/images,$(CALIB_DIR)),32)
 EVAL_DIR   ?= data/coco-mini
 EVAL_LIMIT ?=
 TRT_VERSION ?=
@@ -26,7 +28,8 @@ endif
 endif
 
 SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --trtexec "$(TRTEXEC)" --polygraphy "$(POLYGRAPHY)" \
-        $(if $(TRT_VERSION),--trt $(TRT_VERSION)) $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT))
+        $(if $(TRT_VERSION),--trt $(TRT_VERSION)) $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) \
+        $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
 PIPELINE = $(PY) -m tools.pipeline
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy summary sweep sensitivity report test clean

@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import CALIB, MINI, MODEL, REPO, run_tool
+from conftest import CALIB, MINI, MODEL, run_tool
 
 from tools.calib import build_calibration
 from tools.common import UserError, list_images, preprocess, to_input

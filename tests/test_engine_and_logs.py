@@ -4,7 +4,7 @@ from conftest import MODEL, REPO
 
 from tools.common import UserError
 from tools.engine import build_args, onnx_nodes, resolve_layer_precisions
-from tools.recipe import LayerPrecision, load
+from tools.recipe import load
 from tools.trtexec_py import parse_flags, parse_layer_spec, parse_shapes, stats_line
 from tools.trtlog import parse
 from tools.trt_plan import plan

@@ -3,7 +3,7 @@ ONNX Runtime, Polygraphy's comparison passes, and a foreign engine is refused wi
 import sys
 
 import pytest
-from conftest import MINI, MODEL, REPO, requires_gpu, run_tool
+from conftest import MINI, MODEL, requires_gpu, run_tool
 
 from tools.trtlog import parse_file
 

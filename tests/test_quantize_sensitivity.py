@@ -4,7 +4,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import CALIB, MODEL, REPO
+from conftest import CALIB, REPO
 
 from tools.quantize import activation_scales, quantize
 from tools.recipe import load

@@ -48,8 +48,7 @@ class OnnxrtBackend:
 class TrtBackend:
     def __init__(self, engine_path):
         import tensorrt as trt
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.backend.trt import TrtRunner
 
         if not Path(engine_path).is_file():
             raise UserError(f"{engine_path}: no such engine; build it first (make engine)")

@@ -62,7 +62,8 @@ class Setup:
     warmup_ms: int = 500
     duration_s: float = 3.0
     eval_limit: int | None = None
-    compare_images: int = 4
+    calib_images: int | None = None  # overrides the recipes' calib_images
+    compare_images: int = 4  # real images for the Polygraphy comparison; 0 skips it
     prep_cache: dict = field(default_factory=dict, compare=False, repr=False)  # preprocessed eval images
 
     def version(self) -> str:
@@ -201,6 +202,8 @@ def stage_accuracy(point: Point, setup: Setup) -> None:
     acc = evaluate(engine, setup.eval_dir, batch=min(32, point.recipe.max_batch), imgsz=point.recipe.imgsz,
                    limit=setup.eval_limit, prep_cache=setup.prep_cache)
     point.record["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "image_dir") if k in acc}
+    if not setup.compare_images:
+        return
     work = setup.root / "logs" / point.recipe.model / "compare"
     point.record["compare"] = compare(engine, point.recipe.onnx_path, setup.eval_dir, work, setup.compare_images,
                                       polygraphy=list(setup.polygraphy) if setup.polygraphy else None,
@@ -243,6 +246,8 @@ def run_cpu_stages(recipe: Recipe, setup: Setup, stages, log=print) -> None:
 
 def run_recipe(recipe: Recipe, setup: Setup, stages=STAGES, log=print) -> dict | None:
     """Run `stages` of one recipe; returns its engine record (None when only CPU stages ran)."""
+    if setup.calib_images and recipe.calibrated:
+        recipe = recipe.replace(calib_images=setup.calib_images)
     run_cpu_stages(recipe, setup, [s for s in stages if s in CPU_STAGES], log)
     if not set(stages) - set(CPU_STAGES):
         return None
@@ -281,6 +286,7 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds timed per (batch, graph) run")
     ap.add_argument("--warmup-ms", type=int, default=500)
     ap.add_argument("--eval-limit", type=int, help="score only the first N evaluation images")
+    ap.add_argument("--calib-images", type=int, help="override every recipe's calib_images (e.g. for a small folder)")
 
 
 def setup_from_args(args) -> Setup:
@@ -288,7 +294,7 @@ def setup_from_args(args) -> Setup:
                  trtexec=tuple(shlex.split(args.trtexec)) if args.trtexec else default_trtexec(),
                  polygraphy=tuple(shlex.split(args.polygraphy)) if args.polygraphy else None,
                  cuda_graphs=(False,) if args.no_graphs else (False, True), warmup_ms=args.warmup_ms,
-                 duration_s=args.duration, eval_limit=args.eval_limit)
+                 duration_s=args.duration, eval_limit=args.eval_limit, calib_images=args.calib_images)
 
 
 def main(argv=None):

@@ -15,10 +15,10 @@ from tools.common import REPO, UserError, atomic_path, run_main, write_text
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 
 
-def best_row(rows, batch, field):
+def best_row(row, field):
     """The faster of the CUDA-graph and plain timings of a row (a deployment picks the better one)."""
     graph = {"latency_ms_p50": "latency_ms_p50_cuda_graph", "throughput_ips": "throughput_ips_cuda_graph"}[field]
-    values = [v for v in (rows.get(field), rows.get(graph)) if v is not None]
+    values = [v for v in (row.get(field), row.get(graph)) if v is not None]
     return (min if field.startswith("latency") else max)(values)
 
 
@@ -39,9 +39,9 @@ def select(rows: list[dict], budget: float) -> dict:
     if not mixed:
         return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": None, "throughput": None,
                 "small_batch": small, "large_batch": large}
-    fastest = min(mixed, key=lambda c: best_row(at_small[c], small, "latency_ms_p50"))
+    fastest = min(mixed, key=lambda c: best_row(at_small[c], "latency_ms_p50"))
     mixed_large = [c for c in mixed if c in at_large]
-    widest = max(mixed_large, key=lambda c: best_row(at_large[c], large, "throughput_ips")) if mixed_large else None
+    widest = max(mixed_large, key=lambda c: best_row(at_large[c], "throughput_ips")) if mixed_large else None
     return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": fastest, "throughput": widest,
             "small_batch": small, "large_batch": large}
 
@@ -52,7 +52,7 @@ def pareto_plot(rows, batch, field, out, title, xlabel):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(best_row(r, batch, field), r["map50_95"] * 100, r["config"], r["precision"])
+    pts = [(best_row(r, field), r["map50_95"] * 100, r["config"], r["precision"])
            for r in rows if r["batch"] == batch]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"fp16": "tab:blue", "int8-qdq": "tab:orange", "int8-implicit": "tab:green"}
@@ -77,11 +77,11 @@ def pareto_plot(rows, batch, field, out, title, xlabel):
 def table(rows, batch) -> str:
     lines = ["| configuration | calibration | images | kept in float | level | p50 ms | p99 ms (no graph) | img/s | mAP50-95 | "
              "exact-158 mAP50-95 | mAP50 |", "|" + "---|" * 11]
-    for r in sorted((r for r in rows if r["batch"] == batch), key=lambda r: best_row(r, batch, "latency_ms_p50")):
+    for r in sorted((r for r in rows if r["batch"] == batch), key=lambda r: best_row(r, "latency_ms_p50")):
         lines.append(f"| {r['config']} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
                      f"{r.get('nodes_to_exclude') or '-'} | {r.get('builder_optimization_level') or '-'} | "
-                     f"{best_row(r, batch, 'latency_ms_p50'):.3f} | {r['latency_ms_p99']:.3f} | "
-                     f"{best_row(r, batch, 'throughput_ips'):,.0f} | {r['map50_95']:.4f} | "
+                     f"{best_row(r, 'latency_ms_p50'):.3f} | {r['latency_ms_p99']:.3f} | "
+                     f"{best_row(r, 'throughput_ips'):,.0f} | {r['map50_95']:.4f} | "
                      f"{r.get('exact_map50_95', float('nan')):.4f} | {r['map50']:.4f} |")
     return "\n".join(lines)
 
@@ -90,7 +90,7 @@ def point_record(model, name, key, root=REPO) -> dict:
     return json.loads((root / "results" / model / "points" / f"{name}.{key}.json").read_text())
 
 
-def describe(rows, choice, model, root=REPO) -> str:
+def describe(rows, choice) -> str:
     """Speed-up over FP16 and mAP drop of `choice`, from rows measured in the same sweep run."""
     lines = []
     for batch in sorted({r["batch"] for r in rows}):
@@ -98,10 +98,10 @@ def describe(rows, choice, model, root=REPO) -> str:
         if choice not in at or "fp16" not in at:
             continue
         c, f = at[choice], at["fp16"]
-        lat = best_row(f, batch, "latency_ms_p50") / best_row(c, batch, "latency_ms_p50")
-        thr = best_row(c, batch, "throughput_ips") / best_row(f, batch, "throughput_ips")
-        lines.append(f"| {batch} | {best_row(c, batch, 'latency_ms_p50'):.3f} | {best_row(f, batch, 'latency_ms_p50'):.3f}"
-                     f" | {lat:.2f}x | {best_row(c, batch, 'throughput_ips'):,.0f} | {thr:.2f}x |")
+        lat = best_row(f, "latency_ms_p50") / best_row(c, "latency_ms_p50")
+        thr = best_row(c, "throughput_ips") / best_row(f, "throughput_ips")
+        lines.append(f"| {batch} | {best_row(c, 'latency_ms_p50'):.3f} | {best_row(f, 'latency_ms_p50'):.3f}"
+                     f" | {lat:.2f}x | {best_row(c, 'throughput_ips'):,.0f} | {thr:.2f}x |")
     return ("| batch | latency p50 ms | FP16 p50 ms | latency speed-up | img/s | throughput speed-up |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(lines))
 
@@ -157,14 +157,14 @@ def write_report(model: str, budget: float, root: Path = REPO) -> Path:
         c_small = by_config(rows, small)[chosen]
         md += [f"**Chosen (latency): `{chosen}`**, mAP50-95 {c_small['map50_95']:.4f} "
                f"({(c_small['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16).", "",
-               describe(rows, chosen, model), "",
+               describe(rows, chosen), "",
                f"**Throughput-optimal at batch {large}: `{choice['throughput']}`**.", ""]
         if choice["throughput"] and choice["throughput"] != chosen:
-            md += [describe(rows, choice["throughput"], model), ""]
+            md += [describe(rows, choice["throughput"]), ""]
         md += ["Against the Ultralytics 8.4 recipes:", ""]
         for ref in ULTRALYTICS:
             if ref in by_config(rows, small):
-                md += [f"`{ref}`:", "", describe(rows, ref, model), ""]
+                md += [f"`{ref}`:", "", describe(rows, ref), ""]
         rec = point_record(model, chosen, c_small["key"], root)
         from tools.recipe import dump, from_dict
 
@@ -189,7 +189,7 @@ def write_report(model: str, budget: float, root: Path = REPO) -> Path:
                "implicit INT8 (`int8-implicit`) no longer exist (tools/trt_plan.py).", ""]
     else:
         md += ["No INT8-mixed configuration is within the budget; FP16 stays the choice.", ""]
-    md += ["## Plots", "", f"![latency](pareto_latency_b1.png) ![throughput](pareto_throughput_b32.png)", "",
+    md += ["## Plots", "", "![latency](pareto_latency_b1.png) ![throughput](pareto_throughput_b32.png)", "",
            f"## All configurations, batch {small}", "", table(rows, small), "",
            f"## All configurations, batch {large}", "", table(rows, large), ""]
     if sweep.get("failures"):

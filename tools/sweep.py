@@ -141,7 +141,8 @@ def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
     records, failures = [], {}
     bench = dataclasses.replace(setup, cuda_graphs=tuple(grid.bench.get("cuda_graphs", setup.cuda_graphs)),
                                 duration_s=grid.bench.get("duration_s", setup.duration_s),
-                                warmup_ms=grid.bench.get("warmup_ms", setup.warmup_ms))
+                                warmup_ms=grid.bench.get("warmup_ms", setup.warmup_ms),
+                                compare_images=grid.bench.get("compare_images", setup.compare_images))
     with tqdm(points, desc="sweep", unit="point") as bar:
         for recipe in bar:
             bar.set_postfix_str(recipe.name)
