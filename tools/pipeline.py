@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tools.common import REPO, UserError, run_main, sha256_file, write_json
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import Plan, detect_version, plan
@@ -79,25 +81,38 @@ def source_onnx(recipe: Recipe, p: Plan, setup: Setup) -> Path:
 
         return quantize(recipe, setup.version(), setup.calib_dir, setup.eval_dir, setup.root)
     if p.onnx_kind == "autocast-fp16":
-        return autocast_fp16(recipe, setup.root)
+        return autocast_fp16(recipe, setup)
     if not recipe.onnx_path.is_file():
         raise UserError(f"{recipe.onnx_path}: no such ONNX model; run `make export` or set `onnx:` in the recipe")
     return recipe.onnx_path
 
 
-def autocast_fp16(recipe: Recipe, root: Path) -> Path:
-    """TensorRT 11 has no --fp16: bake FP16 into the ONNX with ModelOpt AutoCast (as Ultralytics 8.4 does)."""
+def autocast_fp16(recipe: Recipe, setup: Setup) -> Path:
+    """TensorRT 11 has no --fp16: bake FP16 into the ONNX with ModelOpt AutoCast (as Ultralytics 8.4 does). AutoCast
+    keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
+    random input fails on a dynamic-shape model); the model keeps FP32 inputs and outputs."""
+    from tools.calib import build_calibration
+    from tools.common import atomic_path
     from tools.engine import run_logged
     from tools.quantize import model_digest
 
+    root = setup.root
     out = root / "models" / recipe.model / "quant" / f"{recipe.model}.autocast-fp16.{model_digest(recipe.onnx_path)}.onnx"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():
+        return out
+    image = root / "calib" / recipe.model / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input
+    if not image.is_file():
+        build_calibration(setup.calib_dir, image.with_suffix(".npy"), 1, 0, recipe.imgsz, setup.eval_dir)
+        with atomic_path(image) as tmp:
+            np.savez(tmp, images=np.load(image.with_suffix(".npy")))
+    log = root / "logs" / recipe.model / f"{out.stem}.log"
+    with atomic_path(out) as tmp:
         cmd = [sys.executable, "-m", "modelopt.onnx.autocast", "--onnx_path", str(recipe.onnx_path),
-               "--output_path", str(out), "--low_precision_type", "fp16"]
-        rc, _ = run_logged(cmd, root / "logs" / recipe.model / f"{out.stem}.log")
-        if rc != 0:
-            raise UserError(f"{out}: ModelOpt AutoCast failed; read logs/{recipe.model}/{out.stem}.log")
+               "--output_path", str(tmp), "--low_precision_type", "fp16", "--calibration_data", str(image),
+               "--keep_io_types"]
+        rc, _ = run_logged(cmd, log)
+        if rc != 0 or not tmp.stat().st_size:
+            raise UserError(f"{log}: ModelOpt AutoCast failed (exit {rc}); read the log's last lines")
     return out
 
 
