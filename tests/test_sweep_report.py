@@ -49,6 +49,16 @@ def test_grid_rejects_unknown_axis(tmp_path):
         load_grid(write_grid(tmp_path, extra_axes={"learning_rate": [1]}), REPO)
 
 
+def test_grid_bench_section_is_checked(tmp_path):
+    assert load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO).bench["cuda_graphs"] == (True,)
+    path = write_grid(tmp_path)
+    grid = yaml.safe_load(path.read_text())
+    grid["bench"] = {"duraton_s": 1}
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    with pytest.raises(UserError, match="duraton_s"):
+        load_grid(path, REPO)
+
+
 def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     """A point whose record holds a stage's result never reruns that stage; missing stages run once."""
     recipe = load(REPO / "recipes/yolo11n/fp16.yaml")

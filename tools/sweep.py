@@ -22,6 +22,7 @@ from tools.recipe import Recipe, digest, load
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
 
+BENCH_KEYS = ("cuda_graphs", "duration_s", "warmup_ms", "compare_images")  # Setup fields a grid may override
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-"}
 
 
@@ -69,6 +70,11 @@ def load_grid(path, root: Path = REPO) -> Grid:
         raise UserError(f"{path}: unknown grid key(s) {sorted(unknown)}; valid: model, base, design, references, axes, bench")
     if g.get("design", "one-at-a-time") not in ("one-at-a-time", "product"):
         raise UserError(f"{path}: design must be one-at-a-time or product")
+    bench = dict(g.get("bench") or {})
+    if set(bench) - set(BENCH_KEYS):
+        raise UserError(f"{path}: unknown bench key(s) {sorted(set(bench) - set(BENCH_KEYS))}; valid: {', '.join(BENCH_KEYS)}")
+    if "cuda_graphs" in bench:
+        bench["cuda_graphs"] = tuple(bench["cuda_graphs"])
     base = load(root / g["base"])
     axes = {}
     for key, values in (g.get("axes") or {}).items():
@@ -76,7 +82,7 @@ def load_grid(path, root: Path = REPO) -> Grid:
             raise UserError(f"{path}: axis {key!r} is not a recipe key")
         axes[key] = axis_values(key, values, root)
     return Grid(g.get("model", base.model), base, g.get("design", "one-at-a-time"),
-                tuple(load(root / r) for r in g.get("references", [])), axes, g.get("bench") or {})
+                tuple(load(root / r) for r in g.get("references", [])), axes, bench)
 
 
 def label_of(key: str, value, axis: dict) -> str:
@@ -139,10 +145,7 @@ def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
     refs = {r.name for r in grid.references}
     points = [p for p in expand(grid) if not only or p.name in refs or any(o in p.name for o in only)]
     records, failures = [], {}
-    bench = dataclasses.replace(setup, cuda_graphs=tuple(grid.bench.get("cuda_graphs", setup.cuda_graphs)),
-                                duration_s=grid.bench.get("duration_s", setup.duration_s),
-                                warmup_ms=grid.bench.get("warmup_ms", setup.warmup_ms),
-                                compare_images=grid.bench.get("compare_images", setup.compare_images))
+    bench = dataclasses.replace(setup, **grid.bench)
     with tqdm(points, desc="sweep", unit="point") as bar:
         for recipe in bar:
             bar.set_postfix_str(recipe.name)
