@@ -53,3 +53,28 @@ def test_missing_annotations_named(tmp_path):
     (folder / "annotations.json").write_text(json.dumps(ann))
     with pytest.raises(UserError, match="has no entry for image"):
         evaluate(MODEL, folder)
+
+
+def test_scorer_matches_pycocotools():
+    """faster-coco-eval (our scorer) against pycocotools' reference COCOeval on the same real detections."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from tools.evaluate import OnnxrtBackend, coco_map, load_ground_truth, predict
+
+    gt, files, _ = load_ground_truth(MINI)
+    dets = predict(OnnxrtBackend(MODEL), files[:12], batch=4)
+    ids = [int(p.stem) for p in files[:12]]
+    ours = coco_map(gt, dets, ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref_gt = COCO(str(MINI / "annotations.json"))
+        ev = COCOeval(ref_gt, ref_gt.loadRes(dets), "bbox")
+        ev.params.imgIds = sorted(ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ours["map50_95"] > 0.2
+    assert abs(ours["map50_95"] - ev.stats[0]) < 1e-4 and abs(ours["map50"] - ev.stats[1]) < 1e-4

@@ -9,7 +9,7 @@ import tools.pipeline as pipeline
 from tools.common import UserError
 from tools.recipe import digest, load
 from tools.report import select
-from tools.sweep import expand, load_grid
+from tools.sweep import expand, load_grid, run_sweep, stage_seconds
 
 
 def write_grid(tmp_path, design="one-at-a-time", extra_axes=None):
@@ -67,9 +67,13 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     calls = []
 
     def fake(stage):
-        def run(point, _setup):
+        def run(point, run_setup):
             calls.append(stage)
-            point.record[pipeline.STAGE_KEYS[stage]] = {"engine": "x", "stage": stage}
+            point.record[pipeline.STAGE_KEYS[stage]] = (
+                [{"batch": b, "cuda_graph": g} for b, g in pipeline.missing_timings(point, run_setup)]
+                if stage == "bench" else {"engine": "x", "stage": stage})
+            if stage == "accuracy" and run_setup.compare_images:
+                point.record["compare"] = {"passed": True}
         return run
 
     monkeypatch.setattr(pipeline, "STAGE_FUNCS", {s: fake(s) for s in ("engine", "bench", "accuracy")})
@@ -111,4 +115,69 @@ def test_selection_rule():
     assert choice["latency"] == "ok"  # fast-bad is 1.0 point below FP16: out of budget
     assert choice["throughput"] == "wide"
     assert select(rows, budget=2.0)["latency"] == "fast-bad"
-    assert select(rows, budget=0.0)["latency"] is None
+    none = select(rows, budget=0.0)
+    assert none["latency"] is None and none["closest"] == "wide"  # the most accurate INT8, for the report
+
+
+def test_stop_after_ends_between_points_and_resumes(tmp_path):
+    """--stop-after stops before a new point, never inside one; the next run finishes the rest from the cache."""
+    grid = load_grid(write_grid(tmp_path), REPO)
+    setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, trt_version="8.6.1")
+    done = {}
+
+    def runner(recipe, _setup, _stages, log):
+        if recipe.name not in done:
+            done[recipe.name] = {"name": recipe.name, "build": {}, "bench": [], "accuracy": {},
+                                 "stage_seconds": {"engine": 2.0, "bench": 1.0}}
+        return done[recipe.name]
+
+    records, _ = run_sweep(grid, setup, runner=runner, stop_after=0)
+    assert len(records) == 1 and len(done) == 1  # the first point starts, the deadline stops the second
+    records, failures = run_sweep(grid, setup, runner=runner)
+    assert len(records) == len(expand(grid)) == len(done) and not failures
+    assert stage_seconds(records) == {"engine": 2.0 * len(done), "bench": 1.0 * len(done), "total": 3.0 * len(done)}
+
+
+def test_bench_runs_only_missing_timings(tmp_path, monkeypatch):
+    """A reference timed by a sweep (CUDA graphs only) gets only its plain runs added by the full protocol."""
+    import tools.bench
+
+    recipe = load(REPO / "recipes/yolo11n/fp16.yaml")
+    point = pipeline.Point(recipe, None, MINI, "k", tmp_path / "rec.json", {"build": {"engine": "engines/x.engine"}})
+    runs = []
+
+    def fake_bench(engine, trtexec, prefix, batches, imgsz, graphs, warmup_ms, duration_s):
+        runs.extend((b, g) for b in batches for g in graphs)
+        return [{"batch": b, "cuda_graph": g, "latency_ms_p50": 1.0, "log": str(REPO / "logs" / "x.log")}
+                for b in batches for g in graphs]
+
+    monkeypatch.setattr(tools.bench, "bench", fake_bench)
+    sweep_setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, cuda_graphs=(True,))
+    full_setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO)
+    pipeline.stage_bench(point, sweep_setup)
+    assert runs == [(1, True), (8, True), (32, True)] and pipeline.stage_done("bench", point, sweep_setup)
+    assert not pipeline.stage_done("bench", point, full_setup)
+    pipeline.stage_bench(point, full_setup)
+    assert runs[3:] == [(1, False), (8, False), (32, False)]
+    assert len(point.record["bench"]) == 6 and pipeline.stage_done("bench", point, full_setup)
+
+
+def test_table_only_rebuilds_from_newest_records(tmp_path):
+    """--table-only: one row set per point from its newest complete record; the run's own fields are kept."""
+    from tools.sweep import rebuild_table
+
+    grid = load_grid(write_grid(tmp_path), REPO)
+    points = tmp_path / "yolo11n" / "points"
+    points.mkdir(parents=True)
+    for name in ("fp16", "int8-qdq"):
+        src = next((REPO / "results/yolo11n/points").glob(f"{name}.*.json"))
+        (points / src.name).write_text(src.read_text())
+    stale = json.loads(next(points.glob("fp16.*.json")).read_text())
+    stale.update(key="old", accuracy={**stale["accuracy"], "map50_95": 0.1}, measured_utc={"accuracy": "2000-01-01"})
+    (points / "fp16.old.json").write_text(json.dumps(stale))
+    (tmp_path / "yolo11n" / "sweep.json").write_text(json.dumps({"note": "kept", "rows": []}))
+    rebuild_table(grid, tmp_path / "yolo11n")
+    out = json.loads((tmp_path / "yolo11n" / "sweep.json").read_text())
+    assert out["note"] == "kept" and out["points"] == 2 and out["points_planned"] == 5 and not out["complete"]
+    assert {r["config"] for r in out["rows"]} == {"fp16", "int8-qdq"} and len(out["rows"]) == 6
+    assert all(r["map50_95"] > 0.3 for r in out["rows"])  # the stale fp16 record lost to the newer one

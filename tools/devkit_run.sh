@@ -3,7 +3,8 @@
 # ../shared/devkit gives TensorRT 8.6 under `py311`, so PY=py311 and make falls back to tools/trtexec_py.py.
 # Inputs arrive in parts under /tmp (dparts: eval.tar.*, calib.tar.*; qparts: quantized models from `make cpu`
 # and the sweep's CPU stage, plus any extra wheels). Each call gets a fresh copy of the working tree, so records
-# are kept in /tmp between calls. Usage: bash tools/devkit_run.sh refs|sweep|tests [make/pytest args]
+# are kept in /tmp between calls. Usage: bash tools/devkit_run.sh refs|sweep|tests [make/pytest args]; the default
+# sweep ran as three calls of `bash tools/devkit_run.sh sweep SWEEP_ARGS="--stages gpu --stop-after 420"`.
 set -uo pipefail
 source /tmp/kit/env.sh
 DATA=/tmp/data

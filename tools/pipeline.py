@@ -197,16 +197,25 @@ def implicit_calibration(point: Point, setup: Setup) -> Path:
     return cache
 
 
+def missing_timings(point: Point, setup: Setup) -> list[tuple[int, bool]]:
+    """(batch, CUDA graph) runs this setup asks for that the record lacks: timings are kept per run, so a sweep
+    (CUDA graphs only) and `make bench` (with and without) share a reference's engine and add only what is new."""
+    have = {(b["batch"], b["cuda_graph"]) for b in point.record.get("bench", [])}
+    return [(b, g) for b in point.recipe.bench_batches for g in setup.cuda_graphs if (b, g) not in have]
+
+
 def stage_bench(point: Point, setup: Setup) -> None:
     from tools.bench import bench
 
     engine = setup.root / point.record["build"]["engine"]
     prefix = setup.root / "logs" / point.recipe.model / point.stem
-    rows = bench(engine, list(setup.trtexec), prefix, point.recipe.bench_batches, point.recipe.imgsz,
-                 setup.cuda_graphs, setup.warmup_ms, setup.duration_s)
-    for row in rows:
-        row["log"] = str(Path(row["log"]).relative_to(setup.root))
-    point.record["bench"] = rows
+    rows = point.record.get("bench", [])
+    for batch, graph in missing_timings(point, setup):
+        new = bench(engine, list(setup.trtexec), prefix, [batch], point.recipe.imgsz, (graph,), setup.warmup_ms,
+                    setup.duration_s)
+        rows += [{**row, "duration_s": setup.duration_s, "log": str(Path(row["log"]).relative_to(setup.root))}
+                 for row in new]
+    point.record["bench"] = sorted(rows, key=lambda r: (r["batch"], r["cuda_graph"]))
 
 
 def stage_accuracy(point: Point, setup: Setup) -> None:
@@ -214,10 +223,11 @@ def stage_accuracy(point: Point, setup: Setup) -> None:
     from tools.evaluate import evaluate
 
     engine = setup.root / point.record["build"]["engine"]
-    acc = evaluate(engine, setup.eval_dir, batch=min(32, point.recipe.max_batch), imgsz=point.recipe.imgsz,
-                   limit=setup.eval_limit, prep_cache=setup.prep_cache)
-    point.record["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "image_dir") if k in acc}
-    if not setup.compare_images:
+    if "accuracy" not in point.record:
+        acc = evaluate(engine, setup.eval_dir, batch=min(32, point.recipe.max_batch), imgsz=point.recipe.imgsz,
+                       limit=setup.eval_limit, prep_cache=setup.prep_cache)
+        point.record["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "image_dir") if k in acc}
+    if not setup.compare_images or "compare" in point.record:
         return
     work = setup.root / "logs" / point.recipe.model / "compare"
     point.record["compare"] = compare(engine, point.recipe.onnx_path, setup.eval_dir, work, setup.compare_images,
@@ -227,6 +237,14 @@ def stage_accuracy(point: Point, setup: Setup) -> None:
 
 STAGE_FUNCS = {"engine": stage_engine, "bench": stage_bench, "accuracy": stage_accuracy}
 STAGE_KEYS = {"engine": "build", "bench": "bench", "accuracy": "accuracy"}
+
+
+def stage_done(stage: str, point: Point, setup: Setup) -> bool:
+    if stage == "bench":
+        return "bench" in point.record and not missing_timings(point, setup)
+    if stage == "accuracy":
+        return "accuracy" in point.record and (not setup.compare_images or "compare" in point.record)
+    return STAGE_KEYS[stage] in point.record
 
 
 def onnxrt_accuracy(recipe: Recipe, setup: Setup) -> dict:
@@ -268,13 +286,15 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGES, log=print) -> dict |
         return None
     point = make_point(recipe, setup)
     for stage in ("engine", "bench", "accuracy"):
-        if stage not in stages or STAGE_KEYS[stage] in point.record:
+        if stage not in stages or stage_done(stage, point, setup):
             continue
         if stage != "engine" and STAGE_KEYS["engine"] not in point.record:
             raise UserError(f"recipe {recipe.name!r}: no engine yet for stage {stage}; run the engine stage first")
         t0 = time.perf_counter()
         STAGE_FUNCS[stage](point, setup)
         point.record.setdefault("measured_utc", {})[stage] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        spent = point.record.setdefault("stage_seconds", {})
+        spent[stage] = round(spent.get(stage, 0) + time.perf_counter() - t0, 1)
         save(point)
         log(f"  {recipe.name}: {stage} done in {time.perf_counter() - t0:.0f} s")
     return point.record

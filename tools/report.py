@@ -22,6 +22,22 @@ def best_row(row, field):
     return (min if field.startswith("latency") else max)(values)
 
 
+def p99(row) -> float | None:
+    """p99 of the mode (CUDA graph or not) whose median best_row reports."""
+    graph = row.get("latency_ms_p50_cuda_graph")
+    if graph is not None and graph <= row["latency_ms_p50"]:
+        return row.get("latency_ms_p99_cuda_graph")
+    return row.get("latency_ms_p99")
+
+
+def fp16_baseline(at_batch: dict[str, dict], row: dict) -> tuple[dict | None, bool]:
+    """The FP16 row to set `row` against: one built at the same builder level if the sweep has it (the level alone
+    moves latency a lot), else any FP16 row; the flag says whether the levels match."""
+    fp16 = [r for r in at_batch.values() if r["precision"] == "fp16"]
+    same = [r for r in fp16 if r.get("level") == row.get("level")]
+    return (same or fp16 or [None])[0], bool(same)
+
+
 def by_config(rows: list[dict], batch: int) -> dict[str, dict]:
     return {r["config"]: r for r in rows if r["batch"] == batch}
 
@@ -35,15 +51,17 @@ def select(rows: list[dict], budget: float) -> dict:
         raise UserError("the sweep has no fp16 row: include recipes/<model>/fp16.yaml in the grid's references")
     fp16 = at_small["fp16"]
     floor = fp16["map50_95"] - budget / 100
-    mixed = [c for c, r in at_small.items() if r["precision"] in ("int8-qdq", "int8-implicit") and r["map50_95"] >= floor]
+    int8 = [c for c, r in at_small.items() if r["precision"] in ("int8-qdq", "int8-implicit")]
+    closest = max(int8, key=lambda c: at_small[c]["map50_95"]) if int8 else None
+    mixed = [c for c in int8 if at_small[c]["map50_95"] >= floor]
     if not mixed:
         return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": None, "throughput": None,
-                "small_batch": small, "large_batch": large}
+                "closest": closest, "small_batch": small, "large_batch": large}
     fastest = min(mixed, key=lambda c: best_row(at_small[c], "latency_ms_p50"))
     mixed_large = [c for c in mixed if c in at_large]
     widest = max(mixed_large, key=lambda c: best_row(at_large[c], "throughput_ips")) if mixed_large else None
     return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": fastest, "throughput": widest,
-            "small_batch": small, "large_batch": large}
+            "closest": closest, "small_batch": small, "large_batch": large}
 
 
 def pareto_plot(rows, batch, field, out, title, xlabel):
@@ -75,12 +93,14 @@ def pareto_plot(rows, batch, field, out, title, xlabel):
 
 
 def table(rows, batch) -> str:
-    lines = ["| configuration | calibration | images | kept in float | level | p50 ms | p99 ms (no graph) | img/s | mAP50-95 | "
+    lines = ["| configuration | calibration | images | kept in float | level | p50 ms | p99 ms | img/s | mAP50-95 | "
              "exact-158 mAP50-95 | mAP50 |", "|" + "---|" * 11]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in sorted((r for r in rows if r["batch"] == batch), key=lambda r: best_row(r, "latency_ms_p50")):
+        level = r.get("level", r.get("builder_optimization_level"))
         lines.append(f"| {r['config']} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
-                     f"{r.get('nodes_to_exclude') or '-'} | {r.get('builder_optimization_level') or '-'} | "
-                     f"{best_row(r, 'latency_ms_p50'):.3f} | {r['latency_ms_p99']:.3f} | "
+                     f"{r.get('nodes_to_exclude') or '-'} | {'-' if level in (None, '') else level} | "
+                     f"{best_row(r, 'latency_ms_p50'):.3f} | {fmt(p99(r))} | "
                      f"{best_row(r, 'throughput_ips'):,.0f} | {r['map50_95']:.4f} | "
                      f"{r.get('exact_map50_95', float('nan')):.4f} | {r['map50']:.4f} |")
     return "\n".join(lines)
@@ -92,18 +112,27 @@ def point_record(model, name, key, root=REPO) -> dict:
 
 def describe(rows, choice) -> str:
     """Speed-up over FP16 and mAP drop of `choice`, from rows measured in the same sweep run."""
-    lines = []
+    lines, other_level = [], None
     for batch in sorted({r["batch"] for r in rows}):
         at = by_config(rows, batch)
-        if choice not in at or "fp16" not in at:
+        if choice not in at:
             continue
-        c, f = at[choice], at["fp16"]
+        c = at[choice]
+        f, same_level = fp16_baseline(at, c)
+        if f is None:
+            continue
+        other_level = None if same_level else (f.get("level"), c.get("level"))
         lat = best_row(f, "latency_ms_p50") / best_row(c, "latency_ms_p50")
         thr = best_row(c, "throughput_ips") / best_row(f, "throughput_ips")
         lines.append(f"| {batch} | {best_row(c, 'latency_ms_p50'):.3f} | {best_row(f, 'latency_ms_p50'):.3f}"
                      f" | {lat:.2f}x | {best_row(c, 'throughput_ips'):,.0f} | {thr:.2f}x |")
-    return ("| batch | latency p50 ms | FP16 p50 ms | latency speed-up | img/s | throughput speed-up |\n"
+    text = ("| batch | latency p50 ms | FP16 p50 ms | latency speed-up | img/s | throughput speed-up |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(lines))
+    if other_level:
+        text += (f"\n\nFP16 was built at builder level {other_level[0]} and `{choice}` at level {other_level[1]}; no FP16 "
+                 f"engine at level {other_level[1]} is in this sweep, so part of this speed-up is the builder level, "
+                 f"not INT8.")
+    return text
 
 
 def guide(rec: dict) -> str:
@@ -126,6 +155,65 @@ def guide(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def selection_section(rows: list[dict], choice: dict) -> list[str]:
+    small, large, chosen = choice["small_batch"], choice["large_batch"], choice["latency"]
+    at_small = by_config(rows, small)
+    md = []
+    if chosen:
+        md += [f"**Chosen (latency): `{chosen}`**, mAP50-95 {at_small[chosen]['map50_95']:.4f} "
+               f"({(at_small[chosen]['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16).", "",
+               describe(rows, chosen), "",
+               f"**Throughput-optimal at batch {large}: `{choice['throughput']}`**.", ""]
+        if choice["throughput"] and choice["throughput"] != chosen:
+            md += [describe(rows, choice["throughput"]), ""]
+    else:
+        md += [f"**Chosen: `fp16`**: no INT8-mixed configuration is within {choice['budget']} mAP points of FP16, so "
+               f"FP16 stays the choice at this budget (`make report BUDGET=...` applies another).", ""]
+    if choice.get("closest") and choice["closest"] != chosen:
+        c = at_small[choice["closest"]]
+        md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, mAP50-95 {c['map50_95']:.4f} "
+               f"({(c['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16; the budget it needs):", "",
+               describe(rows, choice["closest"]), ""]
+    md += ["Against the Ultralytics 8.4 recipes:", ""]
+    for ref in ULTRALYTICS:
+        if ref in at_small:
+            md += [f"`{ref}`, mAP50-95 {at_small[ref]['map50_95']:.4f} "
+                   f"({(at_small[ref]['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16):", "",
+                   describe(rows, ref), ""]
+    return md
+
+
+def deploy_section(model: str, rec: dict) -> list[str]:
+    return ["## Reproduce and deploy", "", guide(rec), "",
+            "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
+            "pip install -r requirements.txt            # CPU half: ModelOpt, ultralytics, ONNX Runtime",
+            f"cp results/{model}/chosen.yaml recipes/{model}/chosen.yaml",
+            *([f"make quantize RECIPE=recipes/{model}/chosen.yaml CALIB_DIR=path/to/calib/images"]
+              if rec["precision"] == "int8-qdq" else []),
+            f"make bench accuracy RECIPE=recipes/{model}/chosen.yaml EVAL_DIR=path/to/coco/val",
+            "```", "",
+            "- Another GPU: engines and timing caches are tied to the GPU and TensorRT version; keep the quantized "
+            "ONNX (it is portable) and rerun `make engine bench` there. The record key includes the GPU name, so "
+            "nothing is reused by mistake.",
+            "- TensorRT 10: the same flags work (`--fp16 --int8` with the Q/DQ model); ModelOpt may keep "
+            "`high_precision_dtype: fp16` (8.6 needs fp32). Recheck the attention exclusion: 10.x has INT8 kernels "
+            "for the C2PSA `pe` conv, so a recipe without it may be faster there.",
+            "- TensorRT 11: strongly typed only. `make quantize TRT_VERSION=11` bakes FP16 into the Q/DQ model "
+            "(high_precision_dtype fp16) and the engine is built with `--stronglyTyped`; layer-precision flags and "
+            "implicit INT8 (`int8-implicit`) no longer exist (tools/trt_plan.py).", ""]
+
+
+def cost(sweep: dict) -> str:
+    """What the sweep cost: the GPU stages summed over the points (true across resumed runs), and the run's note."""
+    spent = sweep.get("stage_seconds") or {}
+    if spent.get("total"):
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in spent.items() if k != "total")
+        text = f"GPU stages took {spent['total']:.0f} s summed over the points ({parts})"
+    else:
+        text = f"sweep wall time {sweep['seconds']} s" if sweep.get("seconds") else "sweep time not recorded"
+    return text + (f"; {sweep['note']}" if sweep.get("note") else "")
+
+
 def write_report(model: str, budget: float, root: Path = REPO) -> Path:
     out = root / "results" / model
     sweep_path = out / "sweep.json"
@@ -143,7 +231,7 @@ def write_report(model: str, budget: float, root: Path = REPO) -> Path:
     chosen = choice["latency"]
     md = [f"# {model}: INT8/FP16 configuration search", "",
           f"GPU: {first['gpu']}; TensorRT {first['tensorrt']}; {sweep['points']} configurations ({sweep['design']} "
-          f"grid `{sweep['grid']}`), sweep wall time {sweep.get('seconds') or 'not recorded'} s. mAP on the COCO val2017 evaluation set named "
+          f"grid `{sweep['grid']}`); {cost(sweep)}. mAP on the COCO val2017 evaluation set named "
           f"in each record; calibration on disjoint images. Timings are trtexec GPU compute medians (CUDA graph or not, "
           f"whichever is faster) measured in this one run.", "",
           *([f"**Partial sweep: {sweep['points']} of {sweep['points_planned']} planned configurations were measured**"
@@ -153,42 +241,15 @@ def write_report(model: str, budget: float, root: Path = REPO) -> Path:
           f"Rule: the fastest INT8-mixed configuration at batch {small} whose mAP50-95 is within {budget} mAP points of "
           f"the FP16 engine ({choice['fp16_map50_95']:.4f}); also the configuration with the highest throughput at "
           f"batch {large} under the same budget.", ""]
-    if chosen:
-        c_small = by_config(rows, small)[chosen]
-        md += [f"**Chosen (latency): `{chosen}`**, mAP50-95 {c_small['map50_95']:.4f} "
-               f"({(c_small['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16).", "",
-               describe(rows, chosen), "",
-               f"**Throughput-optimal at batch {large}: `{choice['throughput']}`**.", ""]
-        if choice["throughput"] and choice["throughput"] != chosen:
-            md += [describe(rows, choice["throughput"]), ""]
-        md += ["Against the Ultralytics 8.4 recipes:", ""]
-        for ref in ULTRALYTICS:
-            if ref in by_config(rows, small):
-                md += [f"`{ref}`:", "", describe(rows, ref), ""]
-        rec = point_record(model, chosen, c_small["key"], root)
-        from tools.recipe import dump, from_dict
+    md += selection_section(rows, choice)
+    deployed = chosen or "fp16"
+    rec = point_record(model, deployed, by_config(rows, small)[deployed]["key"], root)
+    from tools.recipe import dump, from_dict
 
-        with atomic_path(out / "chosen.yaml") as tmp:
-            tmp.write_text(f"# chosen by `make report` (rule above); copy to recipes/{model}/ to rebuild\n"
-                           + dump(from_dict(rec["recipe"])))
-        md += ["## Reproduce and deploy", "", guide(rec), "",
-               "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
-               "pip install -r requirements.txt            # CPU half: ModelOpt, ultralytics, ONNX Runtime",
-               f"cp results/{model}/chosen.yaml recipes/{model}/chosen.yaml",
-               f"make quantize RECIPE=recipes/{model}/chosen.yaml CALIB_DIR=path/to/calib/images",
-               f"make bench accuracy RECIPE=recipes/{model}/chosen.yaml EVAL_DIR=path/to/coco/val",
-               "```", "",
-               "- Another GPU: engines and timing caches are tied to the GPU and TensorRT version; keep the quantized "
-               "ONNX (it is portable) and rerun `make engine bench` there. The record key includes the GPU name, so "
-               "nothing is reused by mistake.",
-               "- TensorRT 10: the same flags work (`--fp16 --int8` with the Q/DQ model); ModelOpt may keep "
-               "`high_precision_dtype: fp16` (8.6 needs fp32). Recheck the attention exclusion: 10.x has INT8 kernels "
-               "for the C2PSA `pe` conv, so a recipe without it may be faster there.",
-               "- TensorRT 11: strongly typed only. `make quantize TRT_VERSION=11` bakes FP16 into the Q/DQ model "
-               "(high_precision_dtype fp16) and the engine is built with `--stronglyTyped`; layer-precision flags and "
-               "implicit INT8 (`int8-implicit`) no longer exist (tools/trt_plan.py).", ""]
-    else:
-        md += ["No INT8-mixed configuration is within the budget; FP16 stays the choice.", ""]
+    with atomic_path(out / "chosen.yaml") as tmp:
+        tmp.write_text(f"# chosen by `make report` (rule above); copy to recipes/{model}/ to rebuild\n"
+                       + dump(from_dict(rec["recipe"])))
+    md += deploy_section(model, rec)
     md += ["## Plots", "", "![latency](pareto_latency_b1.png) ![throughput](pareto_throughput_b32.png)", "",
            f"## All configurations, batch {small}", "", table(rows, small), "",
            f"## All configurations, batch {large}", "", table(rows, large), ""]

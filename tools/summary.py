@@ -50,7 +50,8 @@ def engine_rows(rec: dict) -> list[dict]:
                "map50_95": rec["accuracy"]["map50_95"], "map50": rec["accuracy"]["map50"],
                "engine_mb": rec["build"]["engine_mb"], "build_s": rec["build"]["build_s"]}
         if plain and graph:
-            row.update(latency_ms_p50_cuda_graph=graph["latency_ms_p50"], throughput_ips_cuda_graph=graph["throughput_ips"])
+            row.update(latency_ms_p50_cuda_graph=graph["latency_ms_p50"], latency_ms_p99_cuda_graph=graph["latency_ms_p99"],
+                       throughput_ips_cuda_graph=graph["throughput_ips"])
         if "exact" in rec["accuracy"]:
             row.update(exact_map50_95=rec["accuracy"]["exact"]["map50_95"], exact_map50=rec["accuracy"]["exact"]["map50"])
         row.update(gpu_mem_mib=base.get("gpu_mem_mib"), polygraphy_passed=rec.get("compare", {}).get("passed"),

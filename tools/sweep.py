@@ -132,25 +132,44 @@ def sweep_rows(records: list[dict], grid: Grid) -> list[dict]:
         meta = {"config": rec["name"], "precision": rec["precision"], "key": rec["key"],
                 **{k: (label_of(k, tuple(recipe[k]) if isinstance(recipe[k], list) else recipe[k], grid.axes[k])
                        if rec["precision"] == "int8-qdq" else "") for k in grid.axes},
-                "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
+                "level": recipe["builder_optimization_level"], "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
         rows += [{**meta, **row} for row in engine_rows(rec)]
     return rows
 
 
+def stage_seconds(records: list[dict]) -> dict:
+    """GPU-stage seconds summed over the points, as each record logged them: the sweep's cost across resumed runs
+    (`seconds` is only this invocation's wall time)."""
+    total = {}
+    for rec in records:
+        for stage, s in rec.get("stage_seconds", {}).items():
+            total[stage] = round(total.get(stage, 0) + s, 1)
+    return {**total, "total": round(sum(total.values()), 1)}
+
+
 def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
-              publish=lambda records, failures, planned, complete: None) -> tuple[list[dict], dict]:
-    """Run every point (or those whose name contains one of `only`; references always run, as the yardstick)."""
+              publish=lambda records, failures, planned, complete: None,
+              stop_after: float | None = None) -> tuple[list[dict], dict]:
+    """Run every point (or those whose name contains one of `only`; references always run, as the yardstick), all
+    under the grid's timing protocol, so every ratio in the table compares like with like.
+    `stop_after` (seconds): start no new point after that long, so a bounded job ends between points and the next
+    run resumes from the cache instead of losing a half-built engine to a kill."""
     from tqdm import tqdm
 
     refs = {r.name for r in grid.references}
     points = [p for p in expand(grid) if not only or p.name in refs or any(o in p.name for o in only)]
     records, failures = [], {}
     bench = dataclasses.replace(setup, **grid.bench)
+    t0 = time.monotonic()
     with tqdm(points, desc="sweep", unit="point") as bar:
-        for recipe in bar:
+        for i, recipe in enumerate(bar):
+            if stop_after is not None and i and time.monotonic() - t0 > stop_after:  # one point always runs
+                bar.write(f"stopped after {time.monotonic() - t0:.0f} s (--stop-after {stop_after:g}): "
+                          f"{len(points) - i} point(s) left; run the same command again to resume")
+                break
             bar.set_postfix_str(recipe.name)
             try:
-                rec = runner(recipe, setup if recipe.name in refs else bench, stages, log=bar.write)
+                rec = runner(recipe, bench, stages, log=bar.write)
             except UserError as e:
                 failures[recipe.name] = str(e)
                 bar.write(f"  {recipe.name}: FAILED: {e}")
@@ -162,6 +181,26 @@ def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
     return records, failures
 
 
+def rebuild_table(grid: Grid, out: Path) -> None:
+    """Rewrite the sweep table from the records on disk (after a change to the table's columns, say); the run's own
+    fields (wall time, notes) are kept. Takes each point's newest complete record."""
+    records = []
+    for recipe in expand(grid):
+        found = [json.loads(p.read_text()) for p in sorted((out / "points").glob(f"{recipe.name}.*.json"))]
+        found = [r for r in found if all(k in r for k in ("build", "bench", "accuracy"))]
+        if found:
+            records.append(max(found, key=lambda r: r.get("measured_utc", {}).get("accuracy", "")))
+    if not records:
+        raise UserError(f"{out / 'points'}: no complete record of any point of this grid; run the sweep first")
+    old = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
+    rows = sweep_rows(records, grid)
+    write_json(out / "sweep.json", {**old, "points": len(records), "points_planned": len(expand(grid)),
+                                    "complete": len(records) == len(expand(grid)),
+                                    "stage_seconds": stage_seconds(records), "rows": rows})
+    write_text(out / "sweep.csv", to_csv(rows))
+    print(f"rebuilt {out / 'sweep.csv'} from {len(records)} records")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__)
     ap.add_argument("grid")
@@ -170,6 +209,10 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="print the expanded points and exit")
     ap.add_argument("--only", help="comma-separated parts of point names to run (references always run)")
     ap.add_argument("--references", help="comma-separated reference names to keep (default: all)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rebuild sweep.json/csv from the points' records (newest per point), running nothing")
+    ap.add_argument("--stop-after", type=float, metavar="SECONDS",
+                    help="start no new point after this many seconds; the next run resumes (for time-limited jobs)")
     add_setup_args(ap)
     args = ap.parse_args(argv)
     grid = load_grid(args.grid)
@@ -180,12 +223,15 @@ def main(argv=None):
         for r in expand(grid):
             print(f"{r.name:40s} {digest(r.settings())}")
         return
+    out = REPO / "results" / grid.model
+    if args.table_only:
+        rebuild_table(grid, out)
+        return
     stages = parse_stages(args.stages)
     if set(stages) - set(CPU_STAGES) and not have_tensorrt():
         print("TensorRT is not installed here: running the CPU stages only (quantize every point)")
         stages = tuple(s for s in stages if s in CPU_STAGES)
     t0 = time.perf_counter()
-    out = REPO / "results" / grid.model
 
     def publish(records, failures, planned, complete):
         """Rewrite the sweep table after every point, so an interrupted sweep still leaves what it measured."""
@@ -194,11 +240,13 @@ def main(argv=None):
         rows = sweep_rows(records, grid)
         write_json(out / "sweep.json", {"grid": str(args.grid), "design": grid.design, "points": len(records),
                                         "points_planned": planned, "complete": complete, "failures": failures,
-                                        "seconds": round(time.perf_counter() - t0), "rows": rows})
+                                        "seconds": round(time.perf_counter() - t0),
+                                        "stage_seconds": stage_seconds(records), "rows": rows})
         write_text(out / "sweep.csv", to_csv(rows))
 
     records, failures = run_sweep(grid, setup_from_args(args), stages,
-                                  only=args.only.split(",") if args.only else None, publish=publish)
+                                  only=args.only.split(",") if args.only else None, publish=publish,
+                                  stop_after=args.stop_after)
     if records:
         print(f"wrote {out / 'sweep.csv'}: {len(records)} configurations")
     for name, err in failures.items():
