@@ -78,3 +78,22 @@ def test_scorer_matches_pycocotools():
         ev.summarize()
     assert ours["map50_95"] > 0.2
     assert abs(ours["map50_95"] - ev.stats[0]) < 1e-4 and abs(ours["map50"] - ev.stats[1]) < 1e-4
+
+
+def test_predict_prefilter_keeps_every_detection():
+    """predict() drops anchors with no class above conf before NMS; the detections must equal postprocess on the
+    whole output, image by image (real outputs of the shipped images)."""
+    from tools.common import preprocess, to_input
+    from tools.evaluate import OnnxrtBackend, _detections, load_ground_truth, predict
+
+    _, files, _ = load_ground_truth(MINI)
+    files = files[:6]
+    backend = OnnxrtBackend(MODEL)
+    dets = predict(backend, files, batch=3)
+    expected = []
+    for p in files:
+        chw, meta = preprocess(p)
+        raw = backend.infer(to_input(chw[None]))[0]
+        expected += _detections((raw, meta, int(p.stem), 0.001, 0.7, 300))
+        assert (raw[4:].max(axis=0) > 0.001).mean() < 0.9  # the filter has something to drop
+    assert dets == expected and len(dets) > 100

@@ -75,3 +75,14 @@ def test_fallback_stats_line_round_trips():
     values = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
     row = parse("[I] GPU Compute Time: " + stats_line("x", values, [90, 99]).split(": ", 1)[1])
     assert row["gpu_median_ms"] == 3.0 and row["gpu_min_ms"] == 1.0 and row["gpu_max_ms"] == 10.0
+
+
+def test_fallback_help_lists_every_flag_the_recipes_use():
+    """`python -m tools.trtexec_py --help` works without TensorRT and names each flag build_args can emit."""
+    from conftest import run_tool
+
+    out = run_tool("tools.trtexec_py", "--help")
+    assert out.returncode == 0 and "not trtexec" in out.stdout
+    r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    for arg in build_args(r, plan(r, "8.6"), MODEL, "x.engine", timing_cache="t.cache"):
+        assert arg[2:].split("=")[0] in out.stdout

@@ -110,7 +110,10 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
             cache.update(zip([(p, imgsz) for p in todo], imap(_preprocess, [(p, imgsz) for p in todo])))
             pre = [cache[(p, imgsz)] for p in chunk]
             raw = backend.infer(to_input(np.stack([c for c, _ in pre])))
-            jobs = [(raw[i], pre[i][1], int(p.stem), conf, iou, max_det) for i, p in enumerate(chunk)]
+            # only anchors with some class above `conf` can yield a detection: drop the rest here, vectorised, so the
+            # NMS workers get a fraction of the 84 x 8400 floats per image (same detections, same order)
+            live = raw[:, 4:].max(axis=1) > conf
+            jobs = [(raw[i][:, live[i]], pre[i][1], int(p.stem), conf, iou, max_det) for i, p in enumerate(chunk)]
             for dets in imap(_detections, jobs):
                 results += dets
             bar.update(len(chunk))

@@ -342,8 +342,17 @@ def cache_calibrator(trt, cache: bytes):
     return CacheCalibrator()
 
 
+def usage() -> str:
+    return (__doc__ + "\nUsage: python -m tools.trtexec_py --onnx=M.onnx [--saveEngine=E] ... | --loadEngine=E ...\n"
+            "Flags with a value (as --name=value): " + ", ".join(sorted(FLAGS_WITH_VALUE)) + "\n"
+            "Switches: " + ", ".join(sorted(SWITCHES)) + "\n")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return
     opts = parse_flags(argv)
     import tensorrt as trt
 
