@@ -181,3 +181,12 @@ def test_table_only_rebuilds_from_newest_records(tmp_path):
     assert out["note"] == "kept" and out["points"] == 2 and out["points_planned"] == 5 and not out["complete"]
     assert {r["config"] for r in out["rows"]} == {"fp16", "int8-qdq"} and len(out["rows"]) == 6
     assert all(r["map50_95"] > 0.3 for r in out["rows"])  # the stale fp16 record lost to the newer one
+
+
+def test_off_axis_values_are_named_after_their_recipe():
+    from tools.sweep import label_of
+
+    axis = {"x-default": ["/model\\.10/.*attn.*"], "x-none": []}
+    assert label_of("nodes_to_exclude", ("/model\\.10/.*attn.*",), axis, owner="int8-qdq") == "x-default"
+    assert label_of("nodes_to_exclude", (".*/dfl/",), axis, owner="int8-ultralytics") == "x-as-int8-ultralytics"
+    assert label_of("nodes_to_exclude", (".*/dfl/",), axis).startswith("x-")  # point names: a digest

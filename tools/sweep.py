@@ -85,11 +85,13 @@ def load_grid(path, root: Path = REPO) -> Grid:
                 tuple(load(root / r) for r in g.get("references", [])), axes, bench)
 
 
-def label_of(key: str, value, axis: dict) -> str:
+def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
+    """The axis label of `value`; a value off the axis (a reference's own setting) is named after `owner`, the
+    recipe it comes from, or else by a digest."""
     for label, v in axis.items():
         if v == value or (isinstance(v, list) and tuple(v) == value):
             return label
-    return f"{SHORT.get(key, key + '=')}{digest(value)[:6]}"
+    return f"{SHORT.get(key, key + '=')}{f'as-{owner}' if owner else digest(value)[:6]}"
 
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
@@ -130,8 +132,8 @@ def sweep_rows(records: list[dict], grid: Grid) -> list[dict]:
     for rec in records:
         recipe = rec["recipe"]
         meta = {"config": rec["name"], "precision": rec["precision"], "key": rec["key"],
-                **{k: (label_of(k, tuple(recipe[k]) if isinstance(recipe[k], list) else recipe[k], grid.axes[k])
-                       if rec["precision"] == "int8-qdq" else "") for k in grid.axes},
+                **{k: (label_of(k, tuple(recipe[k]) if isinstance(recipe[k], list) else recipe[k], grid.axes[k],
+                                owner=rec["name"]) if rec["precision"] == "int8-qdq" else "") for k in grid.axes},
                 "level": recipe["builder_optimization_level"], "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
         rows += [{**meta, **row} for row in engine_rows(rec)]
     return rows
