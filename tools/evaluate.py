@@ -120,22 +120,29 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
     return results
 
 
-def coco_map(coco_gt, detections, image_ids) -> dict:
-    """COCO bbox mAP50-95 and mAP50 over `image_ids` (COCOeval's printout swallowed)."""
+def coco_stats(coco_gt, detections, image_ids=None) -> tuple[float, float]:
+    """COCOeval bbox (mAP50-95, mAP50) of `detections` (COCO results format, not empty) over `image_ids` (default:
+    every image of `coco_gt`); COCOeval's printout swallowed."""
     from faster_coco_eval import COCOeval_faster
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox", print_function=lambda *_: None)
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
+
+
+def coco_map(coco_gt, detections, image_ids) -> dict:
+    """COCO bbox mAP50-95 and mAP50 over `image_ids`."""
     wanted = set(image_ids)
     dets = [d for d in detections if d["image_id"] in wanted]
     if not dets:
         return {"images": len(image_ids), "map50_95": 0.0, "map50": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *_: None)
-        ev.params.imgIds = sorted(image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"images": len(image_ids), "map50_95": round(float(ev.stats[0]), 5), "map50": round(float(ev.stats[1]), 5)}
+    map50_95, map50 = coco_stats(coco_gt, dets, image_ids)
+    return {"images": len(image_ids), "map50_95": round(map50_95, 5), "map50": round(map50, 5)}
 
 
 def load_ground_truth(image_dir, annotations=None):

@@ -97,7 +97,7 @@ def table(rows, batch) -> str:
              "exact-158 mAP50-95 | mAP50 |", "|" + "---|" * 11]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in sorted((r for r in rows if r["batch"] == batch), key=lambda r: best_row(r, "latency_ms_p50")):
-        level = r.get("level", r.get("builder_optimization_level"))
+        level = r.get("level")
         lines.append(f"| {r['config']} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
                      f"{r.get('nodes_to_exclude') or '-'} | {'-' if level in (None, '') else level} | "
                      f"{best_row(r, 'latency_ms_p50'):.3f} | {fmt(p99(r))} | "
@@ -158,10 +158,14 @@ def guide(rec: dict) -> str:
 def selection_section(rows: list[dict], choice: dict) -> list[str]:
     small, large, chosen = choice["small_batch"], choice["large_batch"], choice["latency"]
     at_small = by_config(rows, small)
+
+    def accuracy(config: str) -> str:
+        m = at_small[config]["map50_95"]
+        return f"mAP50-95 {m:.4f} ({(m - choice['fp16_map50_95']) * 100:+.2f} points vs FP16"
+
     md = []
     if chosen:
-        md += [f"**Chosen (latency): `{chosen}`**, mAP50-95 {at_small[chosen]['map50_95']:.4f} "
-               f"({(at_small[chosen]['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16).", "",
+        md += [f"**Chosen (latency): `{chosen}`**, {accuracy(chosen)}).", "",
                describe(rows, chosen), "",
                f"**Throughput-optimal at batch {large}: `{choice['throughput']}`**.", ""]
         if choice["throughput"] and choice["throughput"] != chosen:
@@ -170,15 +174,13 @@ def selection_section(rows: list[dict], choice: dict) -> list[str]:
         md += [f"**Chosen: `fp16`**: no INT8-mixed configuration is within {choice['budget']} mAP points of FP16, so "
                f"FP16 stays the choice at this budget (`make report BUDGET=...` applies another).", ""]
     if choice.get("closest") and choice["closest"] != chosen:
-        c = at_small[choice["closest"]]
-        md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, mAP50-95 {c['map50_95']:.4f} "
-               f"({(c['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16; the budget it needs):", "",
+        md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, {accuracy(choice['closest'])}; "
+               f"the budget it needs):", "",
                describe(rows, choice["closest"]), ""]
     md += ["Against the Ultralytics 8.4 recipes:", ""]
     for ref in ULTRALYTICS:
         if ref in at_small:
-            md += [f"`{ref}`, mAP50-95 {at_small[ref]['map50_95']:.4f} "
-                   f"({(at_small[ref]['map50_95'] - choice['fp16_map50_95']) * 100:+.2f} points vs FP16):", "",
+            md += [f"`{ref}`, {accuracy(ref)}):", "",
                    describe(rows, ref), ""]
     return md
 

@@ -87,18 +87,11 @@ class Proxy:
         return gt
 
     def score(self, model) -> float:
-        from faster_coco_eval import COCOeval_faster
+        from tools.evaluate import coco_stats
 
         res = [{"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
                for i, d in enumerate(self.detect(model)) for x1, y1, x2, y2, s, c in d.tolist()]
-        if not res:
-            return 0.0
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev = COCOeval_faster(self.gt, self.gt.loadRes(res), iouType="bbox", print_function=lambda *_: None)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        return float(ev.stats[0])
+        return coco_stats(self.gt, res)[0] if res else 0.0
 
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,

@@ -183,11 +183,20 @@ def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
     return records, failures
 
 
+def write_table(out: Path, grid: Grid, records: list[dict], fields: dict) -> None:
+    """results/<model>/sweep.json (`fields`, the point count, GPU-stage seconds and the rows) and sweep.csv."""
+    rows = sweep_rows(records, grid)
+    write_json(out / "sweep.json", {**fields, "points": len(records), "stage_seconds": stage_seconds(records),
+                                    "rows": rows})
+    write_text(out / "sweep.csv", to_csv(rows))
+
+
 def rebuild_table(grid: Grid, out: Path) -> None:
     """Rewrite the sweep table from the records on disk (after a change to the table's columns, say); the run's own
     fields (wall time, notes) are kept. Takes each point's newest complete record."""
+    planned = expand(grid)
     records = []
-    for recipe in expand(grid):
+    for recipe in planned:
         found = [json.loads(p.read_text()) for p in sorted((out / "points").glob(f"{recipe.name}.*.json"))]
         found = [r for r in found if all(k in r for k in ("build", "bench", "accuracy"))]
         if found:
@@ -195,11 +204,7 @@ def rebuild_table(grid: Grid, out: Path) -> None:
     if not records:
         raise UserError(f"{out / 'points'}: no complete record of any point of this grid; run the sweep first")
     old = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
-    rows = sweep_rows(records, grid)
-    write_json(out / "sweep.json", {**old, "points": len(records), "points_planned": len(expand(grid)),
-                                    "complete": len(records) == len(expand(grid)),
-                                    "stage_seconds": stage_seconds(records), "rows": rows})
-    write_text(out / "sweep.csv", to_csv(rows))
+    write_table(out, grid, records, {**old, "points_planned": len(planned), "complete": len(records) == len(planned)})
     print(f"rebuilt {out / 'sweep.csv'} from {len(records)} records")
 
 
@@ -239,12 +244,9 @@ def main(argv=None):
         """Rewrite the sweep table after every point, so an interrupted sweep still leaves what it measured."""
         if not records:
             return
-        rows = sweep_rows(records, grid)
-        write_json(out / "sweep.json", {"grid": str(args.grid), "design": grid.design, "points": len(records),
-                                        "points_planned": planned, "complete": complete, "failures": failures,
-                                        "seconds": round(time.perf_counter() - t0),
-                                        "stage_seconds": stage_seconds(records), "rows": rows})
-        write_text(out / "sweep.csv", to_csv(rows))
+        write_table(out, grid, records, {"grid": str(args.grid), "design": grid.design, "points_planned": planned,
+                                         "complete": complete, "failures": failures,
+                                         "seconds": round(time.perf_counter() - t0)})
 
     records, failures = run_sweep(grid, setup_from_args(args), stages,
                                   only=args.only.split(",") if args.only else None, publish=publish,
