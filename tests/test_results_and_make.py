@@ -4,7 +4,7 @@ import subprocess
 
 from conftest import REPO
 
-from tools.summary import markdown, summarize
+from tools.summary import engine_rows, markdown, summarize
 
 CONTRACT = {"name", "batch", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "map50_95", "map50", "engine_mb",
             "build_s"}
@@ -21,6 +21,22 @@ def test_summary_contract_from_committed_records():
     committed = json.loads((REPO / "results/yolo11n/summary.json").read_text())
     assert committed["engines"] == json.loads(json.dumps(s["engines"]))
     assert "| int8-ultralytics | 32 |" in markdown(s)
+
+
+def test_graph_only_timings_fill_the_graph_columns():
+    """A sweep record holds CUDA-graph runs only: the summary must not present them as plain runs."""
+    timing = {"latency_ms_p50": 0.8, "latency_ms_p99": 0.9, "throughput_ips": 1250.0}
+    rec = {"name": "fp16", "gpu": "G", "trt_version": "8.6.1", "bench": [{"batch": 1, "cuda_graph": True, **timing}],
+           "accuracy": {"map50_95": 0.37, "map50": 0.53}, "build": {"engine_mb": 12.0, "build_s": 70.0}}
+    rows = engine_rows(rec)
+    assert rows[0]["cuda_graph"] is True and rows[0]["latency_ms_p50"] == 0.8
+    line = markdown({"gpu": "G", "tensorrt": "8.6.1", "eval_images": 1, "calib_images": 1, "onnx_fp32_map50_95": 0.37,
+                     "engines": rows}).splitlines()[-1]
+    assert line.startswith("| fp16 | 1 | - | - | - | 0.800 | 0.900 | 1,250 |")
+    rec["bench"].append({"batch": 1, "cuda_graph": False, **timing, "latency_ms_p50": 1.0})
+    both = markdown({"gpu": "G", "tensorrt": "8.6.1", "eval_images": 1, "calib_images": 1, "onnx_fp32_map50_95": 0.37,
+                     "engines": engine_rows(rec)}).splitlines()[-1]
+    assert both.startswith("| fp16 | 1 | 1.000 | 0.900 | 1,250 | 0.800 | 0.900 | 1,250 |")
 
 
 def make(*args):

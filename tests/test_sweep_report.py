@@ -1,5 +1,6 @@
 """Grid expansion, cache/resume of finished stages, and the report's selection rule."""
 import json
+import time
 
 import pytest
 import yaml
@@ -9,7 +10,7 @@ import tools.pipeline as pipeline
 from tools.common import UserError
 from tools.recipe import digest, load
 from tools.report import select
-from tools.sweep import expand, load_grid, run_sweep, stage_seconds
+from tools.sweep import earlier_runs, expand, load_grid, run_seconds, run_sweep, stage_seconds
 
 
 def write_grid(tmp_path, design="one-at-a-time", extra_axes=None):
@@ -136,6 +137,54 @@ def test_stop_after_ends_between_points_and_resumes(tmp_path):
     records, failures = run_sweep(grid, setup, runner=runner)
     assert len(records) == len(expand(grid)) == len(done) and not failures
     assert stage_seconds(records) == {"engine": 2.0 * len(done), "bench": 1.0 * len(done), "total": 3.0 * len(done)}
+
+
+def timeline_sweep(tmp_path, overlap):
+    """Run a sweep whose stages sleep and log when they ran: [(point, stage, start, end)]."""
+    grid = load_grid(write_grid(tmp_path), REPO)
+    setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, trt_version="8.6.1")
+    spans, records = [], {}
+
+    def runner(recipe, _setup, stages, log):
+        rec = records.setdefault(recipe.name, {"name": recipe.name})
+        for stage in stages:
+            start = time.monotonic()
+            time.sleep(0.3 if stage == "accuracy" else 0.05)
+            rec[pipeline.STAGE_KEYS[stage]] = {}
+            spans.append((recipe.name, stage, start, time.monotonic()))
+        return rec
+
+    done, failures = run_sweep(grid, setup, ("engine", "bench", "accuracy"), runner=runner, overlap=overlap)
+    assert not failures and [r["name"] for r in done] == [p.name for p in expand(grid)]
+    return spans
+
+
+def test_accuracy_overlaps_the_next_build_but_never_a_bench(tmp_path):
+    spans = timeline_sweep(tmp_path, overlap=True)
+    when = {(name, stage): (start, end) for name, stage, start, end in spans}
+    names = list(dict.fromkeys(name for name, *_ in spans))
+    for prev, nxt in zip(names, names[1:]):
+        accuracy, engine, bench = when[(prev, "accuracy")], when[(nxt, "engine")], when[(nxt, "bench")]
+        assert engine[0] < accuracy[1]  # the next engine built while the accuracy ran
+        assert bench[0] >= accuracy[1]  # and its timing waited for the accuracy to finish
+    for _, _, start, end in (s for s in spans if s[1] == "bench"):  # no stage of any point overlaps a bench
+        assert not [s for s in spans if s[1] != "bench" and s[2] < end and s[3] > start]
+
+
+def test_serial_sweep_runs_one_stage_at_a_time(tmp_path):
+    spans = sorted(timeline_sweep(tmp_path, overlap=False), key=lambda s: s[2])
+    assert all(a[3] <= b[2] for a, b in zip(spans, spans[1:]))
+
+
+def test_wall_time_adds_up_over_resumed_runs(tmp_path):
+    table = tmp_path / "sweep.json"
+    assert earlier_runs(table, "g.yaml") == ([], False)
+    table.write_text(json.dumps({"grid": "g.yaml", "complete": False, "run_seconds": [400, 380]}))
+    assert earlier_runs(table, "g.yaml") == ([400, 380], False)
+    assert earlier_runs(table, "other.yaml") == ([], False)
+    assert run_seconds([400, 380], False, 90, measured=True) == [400, 380, 90]  # resumed: the runs add up
+    assert run_seconds([400, 380, 90], True, 5, measured=False) == [400, 380, 90]  # a cache-only rerun keeps them
+    assert run_seconds([400, 380, 90], True, 700, measured=True) == [700]  # a new measurement starts afresh
 
 
 def test_bench_runs_only_missing_timings(tmp_path, monkeypatch):

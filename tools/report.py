@@ -206,13 +206,16 @@ def deploy_section(model: str, rec: dict) -> list[str]:
 
 
 def cost(sweep: dict) -> str:
-    """What the sweep cost: the GPU stages summed over the points (true across resumed runs), and the run's note."""
+    """What the sweep cost: its wall time (summed over resumed runs), the GPU stages summed over the points (more than
+    the wall time where accuracy overlapped the next build), and the run's note."""
+    runs = sweep.get("run_seconds") or ([sweep["seconds"]] if sweep.get("seconds") else [])
+    text = (f"sweep wall time {sum(runs)} s" + (f" over {len(runs)} resumed runs ({', '.join(map(str, runs))} s)"
+                                                if len(runs) > 1 else "")) if runs else "sweep time not recorded"
     spent = sweep.get("stage_seconds") or {}
     if spent.get("total"):
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in spent.items() if k != "total")
-        text = f"GPU stages took {spent['total']:.0f} s summed over the points ({parts})"
-    else:
-        text = f"sweep wall time {sweep['seconds']} s" if sweep.get("seconds") else "sweep time not recorded"
+        text += f"; stages {spent['total']:.0f} s summed over the points ({parts}"
+        text += ", accuracy overlapping the next build)" if sweep.get("overlap") else ")"
     return text + (f"; {sweep['note']}" if sweep.get("note") else "")
 
 

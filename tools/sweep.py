@@ -2,13 +2,15 @@
 
 Every point is keyed by a hash of its inputs and settings (see tools.pipeline), so a sweep killed half-way and
 started again redoes no finished work. Writes results/<model>/sweep.{json,csv}: one row per configuration and
-batch size. Points whose settings coincide (the base and a reference, say) run once.
+batch size. Points whose settings coincide (the base and a reference, say) run once. A point's accuracy runs while
+the next engine builds (`--serial`: strictly one stage after another); timings always run alone.
 Usage: python -m tools.sweep recipes/grids/yolo11n.yaml [--stages cpu|gpu|all] [pipeline flags]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -151,36 +153,89 @@ def stage_seconds(records: list[dict]) -> dict:
 
 def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
               publish=lambda records, failures, planned, complete: None,
-              stop_after: float | None = None) -> tuple[list[dict], dict]:
+              stop_after: float | None = None, overlap: bool = True) -> tuple[list[dict], dict]:
     """Run every point (or those whose name contains one of `only`; references always run, as the yardstick), all
     under the grid's timing protocol, so every ratio in the table compares like with like.
     `stop_after` (seconds): start no new point after that long, so a bounded job ends between points and the next
-    run resumes from the cache instead of losing a half-built engine to a kill."""
+    run resumes from the cache instead of losing a half-built engine to a kill.
+    `overlap`: a point's accuracy runs in a second thread while the next point's engine builds. Both are CPU work
+    (TensorRT compiles kernels on the host; mAP is decoding, NMS and COCOeval around a fraction of a second of
+    inference), and mAP does not depend on timing. Timings never overlap anything: a point's bench starts only
+    once the previous point's accuracy has finished."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     refs = {r.name for r in grid.references}
     points = [p for p in expand(grid) if not only or p.name in refs or any(o in p.name for o in only)]
     records, failures = [], {}
     bench = dataclasses.replace(setup, **grid.bench)
+    before_bench = tuple(s for s in stages if s not in ("bench", "accuracy"))
+    timed = tuple(s for s in stages if s == "bench")
+    last = tuple(s for s in stages if s == "accuracy")
+    pending = []  # (name, future) of the accuracy still running, at most one
     t0 = time.monotonic()
-    with tqdm(points, desc="sweep", unit="point") as bar:
+
+    def fail(name: str, error: UserError) -> None:
+        failures[name] = str(error)
+        bar.write(f"  {name}: FAILED: {error}")
+
+    def finish(name: str, result) -> None:
+        """Book a point's outcome (`result` returns its record or raises): the record once complete, or the error."""
+        try:
+            rec = result()
+        except UserError as e:
+            fail(name, e)
+            return
+        if rec and all(k in rec for k in ("build", "bench", "accuracy")):
+            records.append(rec)
+            publish(records, failures, len(points), False)
+
+    def settle() -> None:
+        while pending:
+            name, future = pending.pop()
+            finish(name, future.result)
+
+    with ThreadPoolExecutor(1) as background, tqdm(points, desc="sweep", unit="point") as bar:
         for i, recipe in enumerate(bar):
             if stop_after is not None and i and time.monotonic() - t0 > stop_after:  # one point always runs
                 bar.write(f"stopped after {time.monotonic() - t0:.0f} s (--stop-after {stop_after:g}): "
                           f"{len(points) - i} point(s) left; run the same command again to resume")
                 break
             bar.set_postfix_str(recipe.name)
+            run = functools.partial(runner, recipe, bench, log=bar.write)
             try:
-                rec = runner(recipe, bench, stages, log=bar.write)
+                rec = run(before_bench) if before_bench else None
+                settle()  # the GPU is quiet from here on: nothing else runs while this point is timed
+                rec = run(timed) if timed else rec
             except UserError as e:
-                failures[recipe.name] = str(e)
-                bar.write(f"  {recipe.name}: FAILED: {e}")
+                fail(recipe.name, e)
                 continue
-            if rec and all(k in rec for k in ("build", "bench", "accuracy")):
-                records.append(rec)
-                publish(records, failures, len(points), False)
+            if last and overlap:
+                pending.append((recipe.name, background.submit(run, last)))
+            else:
+                finish(recipe.name, functools.partial(run, last) if last else lambda: rec)
+        settle()
     publish(records, failures, len(points), not failures and len(records) == len(points))
     return records, failures
+
+
+def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
+    """Wall seconds of the runs behind the existing table of this grid, and whether they finished it."""
+    if not table.is_file():
+        return [], False
+    old = json.loads(table.read_text())
+    if old.get("grid") != grid_path:
+        return [], False
+    return list(old.get("run_seconds", [old["seconds"]] if "seconds" in old else [])), bool(old.get("complete"))
+
+
+def run_seconds(earlier: list[int], finished: bool, this_run: int, measured: bool) -> list[int]:
+    """The runs a table's wall time sums: a resumed run adds to the unfinished table's runs; after a finished table,
+    a run that measures anything starts the count afresh, and one that only reads the cache changes nothing."""
+    if not finished:
+        return earlier + [this_run]
+    return [this_run] if measured else earlier
 
 
 def write_table(out: Path, grid: Grid, records: list[dict], fields: dict) -> None:
@@ -220,6 +275,9 @@ def main(argv=None):
                     help="rebuild sweep.json/csv from the points' records (newest per point), running nothing")
     ap.add_argument("--stop-after", type=float, metavar="SECONDS",
                     help="start no new point after this many seconds; the next run resumes (for time-limited jobs)")
+    ap.add_argument("--serial", action="store_true",
+                    help="run each point's stages strictly one after another (default: a point's accuracy runs "
+                         "while the next engine builds)")
     add_setup_args(ap)
     args = ap.parse_args(argv)
     grid = load_grid(args.grid)
@@ -239,18 +297,22 @@ def main(argv=None):
         print("TensorRT is not installed here: running the CPU stages only (quantize every point)")
         stages = tuple(s for s in stages if s in CPU_STAGES)
     t0 = time.perf_counter()
+    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    earlier, finished = earlier_runs(out / "sweep.json", str(args.grid))
 
     def publish(records, failures, planned, complete):
         """Rewrite the sweep table after every point, so an interrupted sweep still leaves what it measured."""
         if not records:
             return
+        measured = any(t >= started_utc for r in records for t in r.get("measured_utc", {}).values())
+        runs = run_seconds(earlier, finished, round(time.perf_counter() - t0), measured)
         write_table(out, grid, records, {"grid": str(args.grid), "design": grid.design, "points_planned": planned,
-                                         "complete": complete, "failures": failures,
-                                         "seconds": round(time.perf_counter() - t0)})
+                                         "complete": complete, "failures": failures, "overlap": not args.serial,
+                                         "run_seconds": runs, "seconds": sum(runs)})
 
     records, failures = run_sweep(grid, setup_from_args(args), stages,
                                   only=args.only.split(",") if args.only else None, publish=publish,
-                                  stop_after=args.stop_after)
+                                  stop_after=args.stop_after, overlap=not args.serial)
     if records:
         print(f"wrote {out / 'sweep.csv'}: {len(records)} configurations")
     for name, err in failures.items():
