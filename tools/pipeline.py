@@ -239,6 +239,11 @@ STAGE_FUNCS = {"engine": stage_engine, "bench": stage_bench, "accuracy": stage_a
 STAGE_KEYS = {"engine": "build", "bench": "bench", "accuracy": "accuracy"}
 
 
+def has_all_stages(record: dict | None) -> bool:
+    """Whether a point's record holds the result of every GPU stage (what the result tables are built from)."""
+    return bool(record) and all(key in record for key in STAGE_KEYS.values())
+
+
 def stage_done(stage: str, point: Point, setup: Setup) -> bool:
     if stage == "bench":
         return "bench" in point.record and not missing_timings(point, setup)

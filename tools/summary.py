@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tools.common import REPO, UserError, run_main, write_json, write_text
+from tools.pipeline import has_all_stages
 from tools.trtlog import to_csv
 
 MAIN_ENGINES = ("fp16", "int8-qdq", "int8-implicit", "int8-ultralytics")
@@ -21,7 +22,7 @@ def load_records(model: str, root: Path = REPO, names=None) -> list[dict]:
     newest = {}
     for path in sorted((root / "results" / model / "points").glob("*.json"), key=lambda p: p.stat().st_mtime):
         rec = json.loads(path.read_text())
-        if all(k in rec for k in ("build", "bench", "accuracy")) and (names is None or rec["name"] in names):
+        if has_all_stages(rec) and (names is None or rec["name"] in names):
             newest[rec["name"]] = rec
     return list(newest.values())
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from tools.common import REPO, UserError, run_main, write_json, write_text
-from tools.pipeline import CPU_STAGES, STAGES, add_setup_args, have_tensorrt, parse_stages, run_recipe, setup_from_args
+from tools.pipeline import (CPU_STAGES, STAGES, add_setup_args, has_all_stages, have_tensorrt, parse_stages,
+                            run_recipe, setup_from_args)
 from tools.recipe import Recipe, digest, load
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
@@ -187,7 +188,7 @@ def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
         except UserError as e:
             fail(name, e)
             return
-        if rec and all(k in rec for k in ("build", "bench", "accuracy")):
+        if has_all_stages(rec):
             records.append(rec)
             publish(records, failures, len(points), False)
 
@@ -253,7 +254,7 @@ def rebuild_table(grid: Grid, out: Path) -> None:
     records = []
     for recipe in planned:
         found = [json.loads(p.read_text()) for p in sorted((out / "points").glob(f"{recipe.name}.*.json"))]
-        found = [r for r in found if all(k in r for k in ("build", "bench", "accuracy"))]
+        found = [r for r in found if has_all_stages(r)]
         if found:
             records.append(max(found, key=lambda r: r.get("measured_utc", {}).get("accuracy", "")))
     if not records:
