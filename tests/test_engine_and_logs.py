@@ -31,17 +31,20 @@ def test_build_args_and_the_fallback_accepts_them():
     r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
     p = plan(r, "8.6")
     lp = resolve_layer_precisions(r, onnx_nodes(MODEL))
-    args = build_args(r, p, "m.onnx", "e.engine", "t.cache", "c.cache", lp)
+    args = build_args(r, "b32", p, "m.onnx", "e.engine", "t.cache", "c.cache", lp)
     opts = parse_flags(args)
     assert opts["fp16"] and opts["int8"] and opts["calib"] == "c.cache"
-    assert parse_shapes(opts["maxShapes"]) == {"images": (32, 3, 640, 640)}
+    assert parse_shapes(opts["minShapes"]) == parse_shapes(opts["maxShapes"]) == {"images": (32, 3, 640, 640)}
     assert parse_layer_spec(opts["layerPrecisions"]) == lp
-    assert "--precisionConstraints=obey" in args and "--builderOptimizationLevel=0" in args
+    assert "--precisionConstraints=obey" in args and "--builderOptimizationLevel=3" in args
+    assert opts["profilingVerbosity"] == "detailed"  # so `make profile` can read every layer's precision
+    b1 = parse_flags(build_args(r, "b1", p, "m.onnx", "e.engine", calib_cache="c.cache"))
+    assert parse_shapes(b1["optShapes"]) == {"images": (1, 3, 640, 640)}
 
 
 def test_strongly_typed_build_has_no_precision_flags():
     r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
-    args = build_args(r, plan(r, "11"), "m.onnx", "e.engine")
+    args = build_args(r, "b1", plan(r, "11"), "m.onnx", "e.engine")
     assert "--stronglyTyped" in args and "--fp16" not in args and "--int8" not in args
 
 
@@ -84,5 +87,5 @@ def test_fallback_help_lists_every_flag_the_recipes_use():
     out = run_tool("tools.trtexec_py", "--help")
     assert out.returncode == 0 and "not trtexec" in out.stdout
     r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
-    for arg in build_args(r, plan(r, "8.6"), MODEL, "x.engine", timing_cache="t.cache"):
+    for arg in build_args(r, "b1", plan(r, "8.6"), MODEL, "x.engine", timing_cache="t.cache"):
         assert arg[2:].split("=")[0] in out.stdout

@@ -21,11 +21,52 @@ def test_unknown_key_is_named(tmp_path):
         load(bad)
 
 
-@pytest.mark.parametrize("field,value", [("precision", "int4"), ("calibration_method", "percentile"),
-                                         ("builder_optimization_level", 9), ("bench_batches", [64])])
-def test_bad_values_are_refused(field, value):
-    with pytest.raises(UserError):
-        from_dict({"name": "x", field: value})
+@pytest.mark.parametrize("field,value,expected", [
+    ("precision", "int4", "precision"), ("calibration_method", "kl", "calibration_method"),
+    ("builder_optimization_level", 9, "less than or equal to 5"), ("builder_optimization_level", "0", "integer"),
+    ("calib_images", "abc", "calib_images"), ("calib_images", 3.5, "integer"), ("calib_images", 0, "greater than"),
+    ("nodes_to_exclude", "attn", "list"), ("nodes_to_exclude", ["("], "not a regular expression"),
+    ("timing_cache", "yes", "boolean"), ("profiles", {}, "at least 1"), ("profiles", {"b1": {"batch": 1, "bench": [8]}},
+                                                                        "built for"),
+    ("profiles", {"x": {"min": 8, "opt": 4, "max": 32}}, "min <= opt <= max"), ("imgsz", 650, "multiple of 32"),
+    ("name", "a b", "pattern")])
+def test_bad_values_are_one_line_errors_naming_the_key(field, value, expected):
+    with pytest.raises(UserError) as e:
+        from_dict({"name": "x", field: value}, "r.yaml")
+    text = str(e.value)
+    assert text.startswith("r.yaml: ") and field in text and expected in text and "\n" not in text
+
+
+def test_yaml_errors_name_the_line(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nprecision: [fp16\n")
+    with pytest.raises(UserError, match=r"r.yaml: not valid YAML at line \d"):
+        load(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="mapping"):
+        load(bad)
+
+
+def test_profiles_static_and_dynamic():
+    r = from_dict({"name": "x", "profiles": {"lat": {"batch": 1}, "dyn": {"min": 1, "opt": 8, "max": 32}}})
+    assert r.profiles["lat"].static and r.profiles["lat"].bench == (1,)
+    assert not r.profiles["dyn"].static and r.profiles["dyn"].bench == (1, 8, 32)
+    assert r.engine_settings("lat")["profile"] != r.engine_settings("dyn")["profile"]
+
+
+def test_stage_settings_are_derived_from_the_fields():
+    """Each stage's key holds the fields that shape it (and earlier stages'), for the recipe's precision only."""
+    q = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    assert set(q.settings("calib")) == {"imgsz", "calib_images", "calib_seed"}
+    assert {"calibration_method", "nodes_to_exclude", "high_precision_dtype"} <= set(q.settings("quantize"))
+    assert "builder_optimization_level" not in q.settings("quantize")
+    f = load(REPO / "recipes/yolo11n/fp16.yaml")
+    assert "calib_images" not in f.settings() and "calibration_method" not in f.settings()
+    assert digest(f.settings()) == digest(f.replace(calib_images=7, calibration_method="max").settings())
+    # every field either shapes a stage or is declared identity: a new key cannot be left out of the keys silently
+    from tools.recipe import Recipe
+    identity = {"name", "model", "description", "onnx", "notes", "profiles"}
+    assert {n for n, fld in Recipe.model_fields.items() if not fld.json_schema_extra} == identity
 
 
 def test_key_follows_settings_not_name():

@@ -7,6 +7,7 @@ the same flags. Per-layer precisions are resolved from the recipe's regexes agai
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from tools.common import UserError, atomic_path, run_main
-from tools.recipe import Recipe, load
+from tools.recipe import Profile, Recipe, load
 from tools.trt_plan import Plan, detect_version, plan
 
 INPUT = "images"
@@ -48,15 +49,20 @@ def shape(batch: int, imgsz: int) -> str:
     return f"{INPUT}:{batch}x3x{imgsz}x{imgsz}"
 
 
-def build_args(recipe: Recipe, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
+def shape_args(profile: Profile, imgsz: int) -> list[str]:
+    """trtexec's optimization-profile flags: the engine is built for exactly these batch sizes."""
+    return [f"--minShapes={shape(profile.min, imgsz)}", f"--optShapes={shape(profile.opt, imgsz)}",
+            f"--maxShapes={shape(profile.max, imgsz)}"]
+
+
+def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
                layer_precisions: dict[str, str] | None = None) -> list[str]:
-    """trtexec flags for building this recipe's engine (one dynamic-batch profile covering all bench batches)."""
-    args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-            f"--minShapes={shape(recipe.min_batch, recipe.imgsz)}",
-            f"--optShapes={shape(recipe.opt_batch, recipe.imgsz)}",
-            f"--maxShapes={shape(recipe.max_batch, recipe.imgsz)}",
-            *p.precision_flags,
-            f"--builderOptimizationLevel={recipe.builder_optimization_level}"]
+    """trtexec flags for building one engine of this recipe: the named deployment profile's shapes, the plan's
+    precision flags and the builder level. Detailed profiling verbosity costs no speed and lets `make profile` read
+    every layer's precision and tactic from the engine."""
+    args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}", *shape_args(recipe.profiles[profile], recipe.imgsz),
+            *p.precision_flags, f"--builderOptimizationLevel={recipe.builder_optimization_level}",
+            "--profilingVerbosity=detailed"]
     if p.implicit_calibration:
         if calib_cache is None:
             raise UserError(f"recipe {recipe.name!r}: int8-implicit needs a calibration cache; run its calib step")
@@ -70,24 +76,26 @@ def build_args(recipe: Recipe, p: Plan, onnx_path, engine_path, timing_cache=Non
     return args
 
 
-def run_logged(cmd: list[str], log_path) -> tuple[int, float]:
-    """Run `cmd` with its output into `log_path` (renamed into place even on failure: the log says why)."""
+def run_logged(cmd: list[str], log_path, env: dict | None = None) -> tuple[int, float]:
+    """Run `cmd` with its output into `log_path` (renamed into place even on failure: the log says why); `env`
+    adds variables (e.g. CUDA_VISIBLE_DEVICES) to this process's environment."""
     t0 = time.perf_counter()
     with atomic_path(log_path) as tmp, open(tmp, "w") as log:
         log.write(f"# {shlex.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env} if env else None).returncode
     return rc, time.perf_counter() - t0
 
 
-def build(recipe: Recipe, p: Plan, trtexec: list[str], onnx_path, engine_path, log_path,
-          timing_cache=None, calib_cache=None) -> float:
+def build(recipe: Recipe, profile: str, p: Plan, trtexec: list[str], onnx_path, engine_path, log_path,
+          timing_cache=None, calib_cache=None, env: dict | None = None) -> float:
     """Build the engine into `engine_path` (only whole engines land there); returns the wall time in seconds."""
     precisions = resolve_layer_precisions(recipe, onnx_nodes(onnx_path)) if p.layer_precisions else {}
     engine_path = Path(engine_path)
     with atomic_path(engine_path) as tmp_engine:
-        cmd = trtexec + build_args(recipe, p, onnx_path, tmp_engine, timing_cache, calib_cache, precisions)
-        rc, seconds = run_logged(cmd, log_path)
+        cmd = trtexec + build_args(recipe, profile, p, onnx_path, tmp_engine, timing_cache, calib_cache, precisions)
+        rc, seconds = run_logged(cmd, log_path, env)
         if rc != 0 or not tmp_engine.stat().st_size:
             raise UserError(f"{log_path}: engine build for recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
@@ -100,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--onnx", required=True, help="the ONNX to build (the quantized one for int8-qdq)")
     ap.add_argument("-o", "--engine", required=True)
     ap.add_argument("--log", required=True)
+    ap.add_argument("--profile", help="the recipe's deployment profile to build (default: its first)")
     ap.add_argument("--trt", default=None, help="TensorRT version (default: the installed one)")
     ap.add_argument("--trtexec", default="trtexec", help="trtexec command (default: trtexec)")
     ap.add_argument("--timing-cache")
@@ -107,14 +116,17 @@ def main(argv=None):
     ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")
     args = ap.parse_args(argv)
     recipe = load(args.recipe)
+    profile = args.profile or next(iter(recipe.profiles))
+    if profile not in recipe.profiles:
+        raise UserError(f"{args.recipe}: has no profile {profile!r}; its profiles are {', '.join(recipe.profiles)}")
     p = plan(recipe, args.trt or detect_version())
     trtexec = shlex.split(args.trtexec)
     if args.print_only:
         precisions = resolve_layer_precisions(recipe, onnx_nodes(args.onnx)) if p.layer_precisions else {}
-        print(shlex.join(trtexec + build_args(recipe, p, args.onnx, args.engine, args.timing_cache,
+        print(shlex.join(trtexec + build_args(recipe, profile, p, args.onnx, args.engine, args.timing_cache,
                                                args.calib_cache, precisions)))
         return
-    seconds = build(recipe, p, trtexec, args.onnx, args.engine, args.log, args.timing_cache, args.calib_cache)
+    seconds = build(recipe, profile, p, trtexec, args.onnx, args.engine, args.log, args.timing_cache, args.calib_cache)
     print(f"built {args.engine} in {seconds:.1f} s (log {args.log})")
 
 

@@ -115,7 +115,7 @@ def node_counts(qdq_onnx) -> dict:
 
 
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
-    key = digest({**recipe.quantize_settings(), "high_precision_dtype": hp_dtype, "calib": calib_digest,
+    key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
     return root / "models" / recipe.model / "quant" / f"{recipe.name}.{key}.onnx"
 
@@ -155,7 +155,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     import modelopt
 
     write_json(out.with_suffix(".json"), {
-        "recipe": recipe.name, "settings": recipe.quantize_settings(), "high_precision_dtype": hp_dtype,
+        "recipe": recipe.name, "settings": recipe.settings("quantize"), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
         "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts})

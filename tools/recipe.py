@@ -1,98 +1,128 @@
-"""Recipes: one YAML file per configuration, read into one schema (unknown keys and bad values are errors).
+"""Recipes: one YAML file per configuration, validated against one typed schema.
 
-A recipe states its precision once; `trt_plan` (tools/trt_plan.py) maps it onto the TensorRT version at hand.
-Its `key` hashes everything that changes the artifacts, so the pipeline and the sweep reuse finished work.
+Every key has a type and a range; a wrong one is a one-line error naming the file, the key and the fix. Each field
+says which pipeline stage it shapes (calib, quantize, engine) and for which precisions, so the cache key of every
+stage is derived from the fields themselves (`Recipe.settings`), never from a hand-kept list. A recipe states its
+precision once; `trt_plan` (tools/trt_plan.py) maps it onto the TensorRT version at hand. `profiles` names the
+engines a recipe deploys: one TensorRT optimization profile each, each timed at the batches it was built for.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      model_validator)
 
 from tools.common import REPO, UserError
 
 PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
 CALIBRATION_METHODS = ("entropy", "max")
-IMPLICIT_CALIBRATORS = ("minmax", "entropy")
-DTYPES = ("fp32", "fp16")
+STAGES = ("calib", "quantize", "engine")  # in pipeline order: a stage's key holds its own fields and the earlier ones
+QDQ, CALIBRATED = ("int8-qdq",), ("int8-qdq", "int8-implicit")
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # recipe and profile names become file names
 
 
-@dataclass(frozen=True)
-class LayerPrecision:
-    """Keep TensorRT layers whose name matches `match` (regex, searched) and, if given, whose type is `layer_type`
-    (an ONNX op type such as Sigmoid or Conv) in `precision`: becomes trtexec --layerPrecisions."""
-    match: str
-    precision: str
-    op_type: str | None = None
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+    return pattern
 
 
-@dataclass(frozen=True)
-class Recipe:
-    # --- identity -------------------------------------------------------------------------------------------
-    name: str
-    model: str = "yolo11n"  # models/yolo11/<model>.onnx unless `onnx` says otherwise
-    description: str = ""
-    onnx: str | None = None
-    imgsz: int = 640
-    # --- engine precision: fp16 | int8-qdq (ModelOpt Q/DQ + FP16) | int8-implicit (TensorRT calibrator) ----
-    precision: str = "fp16"
+Regex = Annotated[StrictStr, AfterValidator(_regex)]
+Batch = Annotated[StrictInt, Field(ge=1, le=4096)]
+
+
+def shaped(stage: str, precisions: tuple[str, ...] = PRECISIONS, **kw):
+    """A field that shapes `stage`'s artifacts for `precisions` (and so belongs to their cache keys)."""
+    return Field(json_schema_extra={"stage": stage, "precisions": precisions}, **kw)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerPrecision(Frozen):
+    """TensorRT layers whose name matches `match` (regex, searched) and, if given, whose ONNX op type is `op_type`
+    run in `precision`: trtexec --layerPrecisions/--layerOutputTypes --precisionConstraints=obey."""
+    match: Regex
+    precision: Literal["fp32", "fp16"]
+    op_type: StrictStr | None = None
+
+
+class Profile(Frozen):
+    """One engine: a TensorRT optimization profile over the batch dimension. `{batch: 32}` is a static engine;
+    `{min: 1, opt: 8, max: 32}` a dynamic one. `bench`: the batches it is timed at (default: min, opt and max)."""
+    min: Batch
+    opt: Batch
+    max: Batch
+    bench: tuple[Batch, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _static(cls, data):
+        if isinstance(data, dict) and "batch" in data:
+            data = dict(data)
+            batch = data.pop("batch")
+            data.update(min=batch, opt=batch, max=batch)
+        return data
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        if not self.bench:
+            object.__setattr__(self, "bench", tuple(sorted({self.min, self.opt, self.max})))
+        if any(not self.min <= b <= self.max for b in self.bench):
+            raise ValueError(f"bench batches {list(self.bench)} must lie in [{self.min}, {self.max}]: an engine is "
+                             f"timed only at shapes it was built for")
+        return self
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def describe(self) -> str:
+        return f"static batch {self.min}" if self.static else f"dynamic batch {self.min}-{self.max} (opt {self.opt})"
+
+
+class Recipe(Frozen):
+    # --- identity (not hashed: the model's bytes are, see tools.records) -------------------------------------
+    name: Annotated[StrictStr, Field(pattern=NAME)]
+    model: Annotated[StrictStr, Field(pattern=NAME)] = "yolo11n"  # models/yolo11/<model>.onnx unless `onnx` says
+    description: StrictStr = ""
+    onnx: StrictStr | None = None
+    notes: tuple[StrictStr, ...] = ()  # free-form provenance (e.g. what was changed to build on TensorRT 8.6)
+    imgsz: Annotated[StrictInt, Field(ge=32, le=4096, multiple_of=32)] = shaped("calib", default=640)
+    # --- engine precision: fp16 | int8-qdq (ModelOpt Q/DQ + FP16) | int8-implicit (TensorRT calibrator) --------
+    precision: Literal[PRECISIONS] = shaped("engine", default="fp16")
+    # --- calibration images (int8-qdq and int8-implicit) --------------------------------------------------------
+    calib_images: Annotated[StrictInt, Field(ge=1)] = shaped("calib", CALIBRATED, default=400)
+    calib_seed: Annotated[StrictInt, Field(ge=0)] = shaped("calib", CALIBRATED, default=0)
     # --- ModelOpt ONNX PTQ (int8-qdq only) ------------------------------------------------------------------
-    calibration_method: str = "entropy"
-    calib_images: int = 400
-    calib_seed: int = 0
-    nodes_to_exclude: tuple[str, ...] = ()
-    op_types_to_exclude: tuple[str, ...] = ()
-    high_precision_dtype: str = "fp32"  # what TensorRT 10 gets; 8.6 needs fp32, 11 needs fp16 (see trt_plan)
-    calibration_eps: tuple[str, ...] = ("cpu",)
+    calibration_method: Literal[CALIBRATION_METHODS] = shaped("quantize", QDQ, default="entropy")
+    nodes_to_exclude: tuple[Regex, ...] = shaped("quantize", QDQ, default=())
+    op_types_to_exclude: tuple[StrictStr, ...] = shaped("quantize", QDQ, default=())
+    # what TensorRT 10 gets; 8.6 needs fp32 and 11 fp16 (tools/trt_plan.py)
+    high_precision_dtype: Literal["fp32", "fp16"] = shaped("quantize", QDQ, default="fp32")
+    calibration_eps: tuple[Annotated[StrictStr, Field(pattern=r"^(cpu|trt|cuda:\d+|dml:\d+)$")], ...] = \
+        shaped("quantize", QDQ, default=("cpu",))
     # --- TensorRT implicit INT8 (int8-implicit only; TensorRT <= 10) ----------------------------------------
-    implicit_calibrator: str = "minmax"
-    # --- builder --------------------------------------------------------------------------------------------
-    layer_precisions: tuple[LayerPrecision, ...] = ()
-    builder_optimization_level: int = 3
-    timing_cache: bool = True
-    min_batch: int = 1
-    opt_batch: int = 8
-    max_batch: int = 32
-    # --- bench ----------------------------------------------------------------------------------------------
-    bench_batches: tuple[int, ...] = (1, 8, 32)
-    # free-form provenance notes (e.g. what was changed to build on TensorRT 8.6); not hashed
-    notes: tuple[str, ...] = field(default=(), compare=False)
-
-    def __post_init__(self):
-        where = f"recipe {self.name!r}"
-        checks = [
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.calibration_method in CALIBRATION_METHODS, f"calibration_method must be one of {CALIBRATION_METHODS}"),
-            (self.implicit_calibrator in IMPLICIT_CALIBRATORS,
-             f"implicit_calibrator must be one of {IMPLICIT_CALIBRATORS}"),
-            (self.high_precision_dtype in DTYPES, f"high_precision_dtype must be one of {DTYPES}"),
-            (0 <= self.builder_optimization_level <= 5, "builder_optimization_level must be 0..5"),
-            (1 <= self.min_batch <= self.opt_batch <= self.max_batch, "need 1 <= min_batch <= opt_batch <= max_batch"),
-            (all(self.min_batch <= b <= self.max_batch for b in self.bench_batches),
-             "every bench_batches entry must lie in [min_batch, max_batch]"),
-            (self.calib_images > 0, "calib_images must be positive"),
-            (self.imgsz % 32 == 0, "imgsz must be a multiple of 32"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(f"{where}: {msg}")
-        for lp in self.layer_precisions:
-            if lp.precision not in DTYPES:
-                raise UserError(f"{where}: layer_precisions precision must be one of {DTYPES}, not {lp.precision!r}")
-            try:
-                re.compile(lp.match)
-            except re.error as e:
-                raise UserError(f"{where}: layer_precisions match {lp.match!r} is not a regex ({e})") from None
-        for pattern in self.nodes_to_exclude:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise UserError(f"{where}: nodes_to_exclude {pattern!r} is not a regex ({e})") from None
+    implicit_calibrator: Literal["minmax", "entropy"] = shaped("engine", ("int8-implicit",), default="minmax")
+    # --- builder ---------------------------------------------------------------------------------------------
+    layer_precisions: tuple[LayerPrecision, ...] = shaped("engine", default=())
+    builder_optimization_level: Annotated[StrictInt, Field(ge=0, le=5)] = shaped("engine", default=3)
+    timing_cache: StrictBool = shaped("engine", default=True)
+    # --- deployment profiles: one engine each (part of each engine's own key, see engine_settings) --------------
+    profiles: dict[Annotated[StrictStr, Field(pattern=NAME)], Profile] = \
+        Field(default_factory=lambda: {"b1": Profile(min=1, opt=1, max=1), "b32": Profile(min=32, opt=32, max=32)},
+              min_length=1)
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -105,79 +135,97 @@ class Recipe:
 
     @property
     def calibrated(self) -> bool:
-        return self.precision in ("int8-qdq", "int8-implicit")
+        return self.precision in CALIBRATED
 
-    def settings(self) -> dict:
-        """Everything that shapes the artifacts, as plain JSON (identity and notes left out)."""
-        d = dataclasses.asdict(self)
-        for k in ("name", "description", "notes"):
-            d.pop(k)
-        if not self.quantized:
-            for k in ("calibration_method", "nodes_to_exclude", "op_types_to_exclude", "high_precision_dtype",
-                      "calibration_eps"):
-                d.pop(k)
-        if self.precision != "int8-implicit":
-            d.pop("implicit_calibrator")
-        if not self.calibrated:
-            d.pop("calib_images"), d.pop("calib_seed")
-        return d
+    def settings(self, upto: str = "engine") -> dict:
+        """The fields that shape the artifacts of stage `upto` and every earlier stage, for this precision, as
+        plain JSON: what that stage's cache key hashes (beside the content digests of its inputs)."""
+        out = {}
+        for name, f in type(self).model_fields.items():
+            meta = f.json_schema_extra or {}
+            if meta and STAGES.index(meta["stage"]) <= STAGES.index(upto) and self.precision in meta["precisions"]:
+                out[name] = _plain(getattr(self, name))
+        return out
 
-    def quantize_settings(self) -> dict:
-        return {k: v for k, v in self.settings().items()
-                if k in ("model", "onnx", "imgsz", "calibration_method", "calib_images", "calib_seed",
-                         "nodes_to_exclude", "op_types_to_exclude", "high_precision_dtype", "calibration_eps")}
+    def engine_settings(self, profile: str) -> dict:
+        """What one engine of this recipe is built from: the engine-stage settings and that profile's shapes."""
+        p = self.profiles[profile]
+        return {**self.settings("engine"), "profile": {"min": p.min, "opt": p.opt, "max": p.max}}
 
     def replace(self, **changes) -> "Recipe":
-        return from_dict({**to_dict(self), **changes})
+        return from_dict({**to_dict(self), **changes}, f"recipe {self.name!r}")
+
+
+def _plain(value):
+    return json.loads(json.dumps(value.model_dump() if isinstance(value, BaseModel) else value,
+                                 default=lambda v: v.model_dump()))
 
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+FIELDS = tuple(Recipe.model_fields)
+HINTS = {
+    "precision": f"one of {', '.join(PRECISIONS)}",
+    "calibration_method": f"one of {', '.join(CALIBRATION_METHODS)}",
+    "calib_images": "a whole number of images >= 1, e.g. 400",
+    "builder_optimization_level": "a whole number 0..5 (TensorRT's default is 3), unquoted",
+    "nodes_to_exclude": "a YAML list of node-name regexes, e.g. ['/model\\.10/.*attn.*']",
+    "op_types_to_exclude": "a YAML list of ONNX op types, e.g. [Sigmoid]",
+    "profiles": "a mapping of names to {batch: N} or {min: A, opt: B, max: C, bench: [..]}",
+    "layer_precisions": "a list of {match: regex, precision: fp16|fp32, op_type: Conv}",
+    "imgsz": "a multiple of 32, e.g. 640",
+}
+
+
+def validation_message(source: str, err: ValidationError, hints: dict = HINTS, valid_keys=FIELDS) -> str:
+    """pydantic's first error as one line: file, key, what is wrong, what was given, how to fix it."""
+    errors = err.errors()
+    e = errors[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    top = str(e["loc"][0]) if e["loc"] else ""
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{loc}`; valid keys are {', '.join(valid_keys)}{more}"
+    if e["type"] == "missing":
+        return f"{source}: key `{loc}` is required; add it{more}"
+    msg = e["msg"].removeprefix("Value error, ").replace("a valid tuple", "a list")
+    hint = f"; expected {hints[top]}" if top in hints else ""
+    return f"{source}: key `{loc}`: {msg} (got {e['input']!r}){hint}{more}"
 
 
 def from_dict(d: dict, source: str = "recipe") -> Recipe:
-    unknown = sorted(set(d) - set(FIELDS))
-    if unknown:
-        raise UserError(f"{source}: unknown recipe key(s) {', '.join(unknown)}; valid keys are "
-                        f"{', '.join(FIELDS)}")
-    if "name" not in d:
-        raise UserError(f"{source}: recipe has no `name`; add one")
-    d = dict(d)
-    for k in ("nodes_to_exclude", "op_types_to_exclude", "calibration_eps", "bench_batches", "notes"):
-        if k in d:
-            d[k] = tuple(d[k] or ())
-    if "layer_precisions" in d:
-        try:
-            d["layer_precisions"] = tuple(lp if isinstance(lp, LayerPrecision) else LayerPrecision(**lp)
-                                          for lp in (d["layer_precisions"] or ()))
-        except TypeError as e:
-            raise UserError(f"{source}: layer_precisions entries take match, precision, op_type ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping of keys to values")
     try:
-        return Recipe(**d)
-    except TypeError as e:
-        raise UserError(f"{source}: {e}") from None
+        return Recipe.model_validate(d)
+    except ValidationError as e:
+        raise UserError(validation_message(source, e)) from None
 
 
 def to_dict(r: Recipe) -> dict:
-    d = dataclasses.asdict(r)
-    d["layer_precisions"] = [dataclasses.asdict(lp) for lp in r.layer_precisions]
-    return d
+    return _plain(r)
+
+
+def read_yaml(path, what: str):
+    """A YAML file's content, or one line naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the syntax") from None
 
 
 def load(path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such recipe; see recipes/<model>/*.yaml for the ones that exist")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping of keys to values")
-    return from_dict(d, str(path))
+    return from_dict(read_yaml(path, "recipe"), str(path))
 
 
 def dump(r: Recipe) -> str:
