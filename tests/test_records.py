@@ -1,0 +1,87 @@
+"""The record layer: content keys (images, annotations, model bytes), the newest-record rule, and committed files
+that are never overwritten by accident."""
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import MINI, REPO
+
+from tools.common import UserError
+from tools.records import Layout, Record, eval_set, file_digest, is_tracked, newest
+
+
+@pytest.fixture()
+def mini_copy(tmp_path):
+    dst = tmp_path / "eval"
+    shutil.copytree(MINI, dst)
+    return dst
+
+
+def test_eval_key_follows_content_not_path(mini_copy, tmp_path):
+    a, b = eval_set(MINI), eval_set(mini_copy)
+    assert a["key"] == b["key"] and a["count"] == 32  # same content elsewhere: same key
+    ann = mini_copy / "annotations.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"][0] += 40  # one shifted box
+    ann.write_text(json.dumps(data))
+    assert eval_set(mini_copy)["key"] != a["key"]
+    first = sorted((mini_copy / "images").iterdir())[0]
+    assert eval_set(mini_copy, 4)["key"] != eval_set(mini_copy, 5)["key"] != eval_set(mini_copy)["key"]
+    first.write_bytes(first.read_bytes() + b"\0")  # same name, other bytes
+    assert eval_set(mini_copy, 4)["images"] != eval_set(MINI, 4)["images"]
+
+
+def test_file_digest_sees_a_rewritten_file(tmp_path):
+    f = tmp_path / "m.onnx"
+    f.write_bytes(b"one")
+    d1 = file_digest(f)
+    f.write_bytes(b"two!")
+    assert file_digest(f) != d1
+    with pytest.raises(UserError, match="no such file"):
+        file_digest(tmp_path / "missing")
+
+
+def test_committed_results_are_not_overwritten_without_the_flag(tmp_path):
+    tracked = REPO / "results" / "yolo11n" / "sweep.json"
+    assert is_tracked(tracked)
+    layout = Layout("yolo11n", REPO, REPO / "results")
+    with pytest.raises(UserError, match="committed result.*OVERWRITE=1"):
+        layout.guard(tracked)
+    assert Layout("yolo11n", REPO, REPO / "results", overwrite=True).guard(tracked) == tracked
+    assert not is_tracked(tmp_path / "x.json")
+    Layout("yolo11n", tmp_path, tmp_path).write_json(tmp_path / "x.json", {"a": 1})  # a new file is fine
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def test_make_clean_keeps_committed_calibration_caches(tmp_path):
+    """`make clean` removes only what runs make: a clone's committed caches survive, generated files go."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True)
+    for name in ("Makefile", ".gitignore"):  # this checkout's rules, committed or not yet
+        shutil.copy(REPO / name, clone / name)
+    caches = sorted(p.name for p in (clone / "calib" / "yolo11n").glob("*.cache"))
+    assert caches
+    (clone / "calib" / "yolo11n" / "640-n4-s0-x.npy").write_bytes(b"generated")
+    (clone / "engines" / "yolo11n").mkdir(parents=True)
+    (clone / "engines" / "yolo11n" / "a.engine").write_bytes(b"generated")
+    subprocess.run(["make", "-s", "clean"], cwd=clone, check=True)
+    assert sorted(p.name for p in (clone / "calib" / "yolo11n").glob("*")) == caches
+    assert not (clone / "engines" / "yolo11n").exists()
+
+
+def test_newest_is_the_latest_update_then_key():
+    old = {"key": "b", "measured_utc": {"engine": "2026-01-01T00:00:00Z", "accuracy": "2026-01-02T00:00:00Z"}}
+    new = {"key": "a", "updated_utc": "2026-02-01T00:00:00Z"}
+    assert newest([old, new]) is new and newest([]) is None
+    twin = {"key": "c", "updated_utc": "2026-02-01T00:00:00Z"}
+    assert newest([new, twin]) is twin
+
+
+def test_record_save_is_atomic_and_stamped(tmp_path):
+    rec = Record.open(tmp_path / "points" / "r.json", {"name": "x"})
+    rec.data["build"] = {"engine": "e"}
+    rec.save(Layout("yolo11n", tmp_path, tmp_path))
+    again = Record.open(tmp_path / "points" / "r.json", {})
+    assert again.data["build"] == {"engine": "e"} and again.data["updated_utc"]
+    assert not list((tmp_path / "points").glob("*.tmp*"))
