@@ -1,0 +1,125 @@
+"""Run chains of jobs over the GPUs of one machine: timings alone on their GPU, builds side by side.
+
+A chain is one point's stages in order (engine -> bench -> accuracy). A job is `exclusive` when it measures the GPU
+(timings): it starts only on a GPU with nothing else running, and no job starts beside it. Other jobs (engine builds,
+which are host work: kernel compilation and a little tactic timing; accuracy, which is decoding and COCOeval around
+a fraction of a second of inference) share a GPU, up to `shared_per_gpu` at a time. A waiting exclusive job makes
+the least busy GPU drain (no new shared job starts there) so timings are never starved by a stream of builds.
+The launcher is given: in a sweep it runs `python -m tools.pipeline` with CUDA_VISIBLE_DEVICES set; tests pass fakes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Job:
+    chain: str  # the point it belongs to; a chain's jobs run in order
+    stage: str
+    exclusive: bool = False
+    affinity: str = ""  # jobs of equal affinity prefer the GPU that ran the last such job (its build cache is warm)
+
+
+@dataclass
+class Gpu:
+    name: str
+    running: list = field(default_factory=list)  # jobs running now
+    draining: bool = False
+    last: str = ""  # affinity of the last job started here
+
+    @property
+    def busy_exclusive(self) -> bool:
+        return any(j.exclusive for j in self.running)
+
+
+class ChainFailed(Exception):
+    pass
+
+
+def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, str], None], shared_per_gpu: int = 1,
+               on_done: Callable[[Job, str, BaseException | None], None] = lambda job, gpu, error: None,
+               stop_after: float | None = None) -> dict[str, str]:
+    """Run every chain; `launch(job, gpu)` runs one job to its end (raising on failure). Returns {chain: error} for
+    chains that failed (their later jobs are skipped) or were never started because `stop_after` seconds had passed
+    (a bounded run ends between points; the next run resumes from the records)."""
+    if not gpus:
+        raise ValueError("no GPU to run on")
+    state = [Gpu(g) for g in gpus]
+    todo = {c[0].chain: list(c) for c in chains if c}
+    order = list(todo)
+    started, failures, active = set(), {}, {}
+    lock = threading.Condition()
+    t0 = time.monotonic()
+
+    def worker(job: Job, gpu: Gpu):
+        error = None
+        try:
+            launch(job, gpu.name)
+        except BaseException as e:  # noqa: BLE001 - reported per chain, the others go on
+            error = e
+        with lock:
+            gpu.running.remove(job)
+            del active[job.chain]
+            if error is not None:
+                failures[job.chain] = str(error) or type(error).__name__
+                todo.pop(job.chain, None)
+            on_done(job, gpu.name, error)
+            lock.notify_all()
+
+    def start(job: Job, gpu: Gpu):
+        todo[job.chain].pop(0)
+        if not todo[job.chain]:
+            del todo[job.chain]
+        started.add(job.chain)
+        active[job.chain] = job
+        gpu.running.append(job)
+        gpu.last = job.affinity or gpu.last
+        threading.Thread(target=worker, args=(job, gpu), daemon=True).start()
+
+    def ready() -> list[Job]:
+        late = stop_after is not None and time.monotonic() - t0 > stop_after
+        # the first chain always starts, so a bounded run makes progress however short its bound
+        return [todo[c][0] for c in order
+                if c in todo and c not in active and not (late and started and c not in started)]
+
+    def place() -> bool:
+        """Start what can start now; True if anything started."""
+        jobs = ready()
+        waiting = [j for j in jobs if j.exclusive]
+        for gpu in state:
+            gpu.draining = False
+        if waiting:
+            idle = [g for g in state if not g.running]
+            if idle:
+                start(waiting[0], idle[0])
+                return True
+            # as many GPUs drain as timings wait, the least busy first
+            for gpu in sorted((g for g in state if not g.busy_exclusive), key=lambda g: len(g.running))[:len(waiting)]:
+                gpu.draining = True
+        shared = [j for j in jobs if not j.exclusive]
+        open_ = sorted((g for g in state if not g.draining and not g.busy_exclusive and len(g.running) < shared_per_gpu),
+                       key=lambda g: len(g.running))
+        if not (shared and open_):
+            return False
+        for gpu in open_:
+            job = next((j for j in shared if j.affinity and j.affinity == gpu.last), None)
+            if job:
+                start(job, gpu)
+                return True
+        start(shared[0], open_[0])
+        return True
+
+    with lock:
+        while True:
+            while place():
+                pass
+            if not active:
+                break
+            lock.wait()
+    for chain in order:
+        if chain in todo and chain not in failures:
+            failures[chain] = f"not started: --stop-after {stop_after:g} s had passed"
+    return failures
