@@ -8,6 +8,7 @@ Imports only tensorrt, numpy and polygraphy (for the CUDA runtime); runs under T
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from tools.common import UserError, atomic_path, run_main
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
-                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device"}
+                    "layerOutputTypes", "profilingVerbosity", "warmUp", "duration", "iterations", "percentile", "device"}
 SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
             "useSpinWait"}
 
@@ -70,20 +71,25 @@ def stats_line(label: str, values_ms: np.ndarray, percentiles) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 class Fallback:
-    def __init__(self, opts: dict):
+    """One trtexec run. A build server passes its long-lived builder, its in-memory timing caches (one per builder
+    level) and a sink for the log lines; a plain run makes its own and prints."""
+
+    def __init__(self, opts: dict, builder=None, caches: dict | None = None, out=None, logger=None):
         import tensorrt as trt
 
         self.trt, self.opts = trt, opts
         self.major = int(trt.__version__.split(".")[0])
-        self.logger = trt.Logger(trt.Logger.VERBOSE if opts.get("verbose") else trt.Logger.WARNING)
+        self.out = out or (lambda line: print(line, flush=True))
+        self.logger = logger or trt.Logger(trt.Logger.VERBOSE if opts.get("verbose") else trt.Logger.WARNING)
+        self.builder, self.caches = builder, caches
 
     def log(self, line: str):
-        print(line, flush=True)
+        self.out(line)
 
     # --- build ------------------------------------------------------------------------------------------------
     def build(self) -> bytes:
         trt, o = self.trt, self.opts
-        builder = trt.Builder(self.logger)
+        builder = self.builder or trt.Builder(self.logger)
         flags = 0
         if self.major < 10:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
@@ -105,6 +111,11 @@ class Fallback:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
         if "builderOptimizationLevel" in o:
             config.builder_optimization_level = int(o["builderOptimizationLevel"])
+        if "profilingVerbosity" in o:
+            verbosity = {"layer_names_only": "LAYER_NAMES_ONLY", "detailed": "DETAILED", "none": "NONE"}
+            if o["profilingVerbosity"] not in verbosity:
+                raise UserError(f"trtexec_py: --profilingVerbosity takes {', '.join(verbosity)}")
+            config.profiling_verbosity = getattr(trt.ProfilingVerbosity, verbosity[o["profilingVerbosity"]])
         profile = self._profile(builder, network)
         if profile is not None:
             config.add_optimization_profile(profile)
@@ -114,7 +125,15 @@ class Fallback:
                 config.set_calibration_profile(profile)
         self._layer_precisions(network, config)
         cache_path = o.get("timingCacheFile")
-        if cache_path:
+        if self.caches is not None:  # build server: the cache of this level lives in memory across builds
+            level = config.builder_optimization_level
+            if level not in self.caches:
+                self.caches[level] = config.create_timing_cache(b"")
+            self.log(f"[I] In-memory timing cache for builder level {level}: "
+                     f"{len(bytes(self.caches[level].serialize()))} bytes before this build")
+            config.set_timing_cache(self.caches[level], ignore_mismatch=False)
+            cache_path = None  # TensorRT 8.6 would refuse the file in another process anyway
+        elif cache_path:
             blob = Path(cache_path).read_bytes() if Path(cache_path).is_file() else b""
             config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
         t0 = time.perf_counter()
@@ -342,10 +361,112 @@ def cache_calibrator(trt, cache: bytes):
     return CacheCalibrator()
 
 
+class SinkLogger:
+    """A TensorRT logger whose messages go to the current request's log (set per build by the server)."""
+
+    def __new__(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.sink = print
+
+            def log(self, severity, msg):
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    self.sink(f"[TRT] {msg}")
+
+        return Logger()
+
+
+class BuildServer:
+    """Answers build requests one at a time with `build(opts, out) -> engine bytes`, which keeps whatever it likes
+    (TensorRT's builder, timing caches) from one build to the next."""
+
+    def __init__(self, build, name: str):
+        self.build, self.name, self.builds = build, name, 0
+
+    def handle(self, argv: list[str]) -> tuple[int, list[str]]:
+        lines = [f"[I] trtexec_py build server ({self.name}): build {self.builds + 1} of this process, builder and "
+                 f"timing caches kept from the earlier ones"]
+        rc = 0
+        try:
+            opts = parse_flags(argv)
+            if "onnx" not in opts:
+                raise UserError("trtexec_py build server: only builds (--onnx=...) are served")
+            plan = self.build(opts, lines.append)
+            if "saveEngine" in opts:
+                with atomic_path(opts["saveEngine"]) as tmp:
+                    tmp.write_bytes(plan)
+        except UserError as e:
+            lines.append(f"error: {e}")
+            rc = 2
+        except Exception as e:  # noqa: BLE001 - the client reports it; the server serves the next build
+            lines.append(f"error: trtexec_py build server: {type(e).__name__}: {e}")
+            rc = 1
+        self.builds += 1
+        return rc, lines
+
+    def serve(self, address: str) -> None:
+        from multiprocessing.connection import Listener
+
+        print(f"trtexec_py build server on {address} ({self.name})", flush=True)
+        with Listener(address, family="AF_UNIX") as listener:
+            while True:
+                with listener.accept() as conn:
+                    argv = conn.recv()
+                    if argv is None:
+                        return
+                    conn.send(self.handle(argv))
+
+
+def tensorrt_build_server() -> BuildServer:
+    """The real server: one TensorRT builder and one in-memory timing cache per builder level for every build.
+    TensorRT 8.6 refuses a timing cache file written by another process once Myelin graphs are in it, but within
+    one process the cache holds: on an H200 (TensorRT 8.6, level 1) a second build of the same Q/DQ graph took 12 s
+    instead of 120 s. A sweep starts one server per GPU and points that GPU's builds at it (TRTEXEC_PY_SERVER)."""
+    import tensorrt as trt
+
+    logger = SinkLogger(trt)
+    kept = {"caches": {}}  # the builder is made at the first build, so the socket answers from the start
+
+    def build(opts, out):
+        logger.sink = out
+        if "builder" not in kept:
+            kept["builder"] = trt.Builder(logger)
+        return Fallback(opts, kept["builder"], kept["caches"], out, logger).build()
+
+    return BuildServer(build, f"pid {os.getpid()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '0')}")
+
+
+def stop_server(address: str) -> None:
+    from multiprocessing.connection import Client
+
+    with Client(address, family="AF_UNIX") as conn:
+        conn.send(None)
+
+
+def build_on_server(address: str, argv: list[str]) -> int | None:
+    """Send a build to the server at `address`; its exit code, or None when no server answers (build here)."""
+    from multiprocessing.connection import Client
+
+    try:
+        conn = Client(address, family="AF_UNIX")
+    except OSError:
+        print(f"[I] no build server at {address}: building in this process", flush=True)
+        return None
+    with conn:
+        conn.send(argv)
+        rc, lines = conn.recv()
+    for line in lines:
+        print(line, flush=True)
+    return rc
+
+
 def usage() -> str:
     return (__doc__ + "\nUsage: python -m tools.trtexec_py --onnx=M.onnx [--saveEngine=E] ... | --loadEngine=E ...\n"
             "Flags with a value (as --name=value): " + ", ".join(sorted(FLAGS_WITH_VALUE)) + "\n"
-            "Switches: " + ", ".join(sorted(SWITCHES)) + "\n")
+            "Switches: " + ", ".join(sorted(SWITCHES)) + "\n"
+            "Fallback only: --serve SOCKET runs a build server (one per GPU); builds whose environment has\n"
+            "TRTEXEC_PY_SERVER=SOCKET go to it and share its builder and in-memory timing caches.\n")
 
 
 def main(argv=None):
@@ -353,11 +474,24 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), end="")
         return
+    if argv[0] == "--serve":
+        if len(argv) != 2:
+            raise UserError("trtexec_py: --serve takes one socket path: python -m tools.trtexec_py --serve /tmp/s.sock")
+        tensorrt_build_server().serve(argv[1])
+        return
     opts = parse_flags(argv)
     import tensorrt as trt
 
     print(f"&&&& RUNNING trtexec_py (this repo's fallback for trtexec, TensorRT Python API) [TensorRT v{trt.__version__}]"
           f" # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
+    server = os.environ.get("TRTEXEC_PY_SERVER")
+    if server and "onnx" in opts and opts.get("skipInference"):
+        rc = build_on_server(server, argv)
+        if rc is not None:
+            if rc:
+                sys.exit(rc)
+            print(f"&&&& PASSED trtexec_py # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
+            return
     fb = Fallback(opts)
     if "onnx" in opts:
         plan = fb.build()
