@@ -1,92 +1,122 @@
-# YOLO11 -> ModelOpt INT8 Q/DQ -> TensorRT recipe book. `make help` lists the targets; `make print-VAR` shows a knob.
-# Recipes (recipes/<model>/*.yaml) are data: a new configuration is a new recipe file, never a new rule here.
+# YOLO11 -> ModelOpt INT8 Q/DQ -> TensorRT recipe book. `make help` lists the targets and knobs; `make print-VAR`
+# shows what a knob resolves to. Recipes (recipes/<model>/*.yaml) are data: a new configuration is a new recipe
+# file, never a new rule here.
 
-PY         ?= python3
-MODEL      ?= yolo11n
-RECIPES    ?= $(sort $(wildcard recipes/$(MODEL)/*.yaml))
-RECIPE     ?= recipes/$(MODEL)/int8-qdq.yaml
-ONNX       ?= models/yolo11/$(MODEL).onnx
-PT         ?=
-CALIB_DIR  ?= calib/images
-# the recipes calibrate on 400 images; the 32 that ship are enough to run everything, so they override the count
-CALIB_IMAGES ?= $(if $(filter calib/images,$(CALIB_DIR)),32)
-EVAL_DIR   ?= data/coco-mini
-EVAL_LIMIT ?=
-TRT_VERSION ?=
-GRID       ?= recipes/grids/$(MODEL).yaml
-BUDGET     ?= 0.5
-SENS_IMAGES ?= 32
-SWEEP_ARGS ?=
+## knobs (make VAR=value ...)
+VENV       ?= .venv#                                   environment `make` creates on first use (PY=python3 skips it)
+PY         ?= $(VENV)/bin/python#                      the Python that runs the tools (py311 on the devkit)
+MODEL      ?= yolo11n#                                 recipes/MODEL/ and models/yolo11/MODEL.onnx
+RECIPES    ?= $(sort $(wildcard recipes/$(MODEL)/*.yaml))#  the recipes `all`, `cpu`, `gpu` run
+RECIPE     ?= recipes/$(MODEL)/int8-qdq.yaml#          the recipe one-recipe targets run
+ONNX       ?= models/yolo11/$(MODEL).onnx#             the model: export writes it; set it to start every recipe from another ONNX
+PT         ?=#                                          a .pt checkpoint (or ultralytics .yaml) for `make export`
+CALIB_DIR  ?= calib/images#                            calibration images (never evaluation images)
+CALIB_IMAGES ?= $(if $(filter calib/images,$(CALIB_DIR)),32)#  cap on the recipes' calib_images (32 images ship)
+EVAL_DIR   ?= data/coco-mini#                          evaluation images/ + annotations.json (+ exact_ids.txt)
+EVAL_LIMIT ?=#                                          score only the first N evaluation images
+RESULTS    ?= runs#                                    where records and tables go; results/ holds the committed ones
+OVERWRITE  ?=#                                          1: let a run replace committed result files
+PROFILES   ?=#                                          comma-separated deployment profiles to build (default: all)
+TRT_VERSION ?=#                                         plan for this TensorRT (default: the installed one, else 10)
 TRTEXEC    ?= $(if $(shell command -v trtexec 2>/dev/null),trtexec,$(PY) -m tools.trtexec_py)
 POLYGRAPHY ?= $(if $(shell command -v polygraphy 2>/dev/null),polygraphy,$(PY) -m tools.polygraphy_cli)
+GRID       ?= recipes/grids/$(MODEL).yaml#             the sweep's grid
+GPUS       ?=#                                          comma-separated GPU indices for the sweep (default: all visible)
+JOBS_PER_GPU ?= 1#                                      builds side by side on one GPU in a sweep (timings run alone)
+SWEEP_ARGS ?=#                                          more tools.sweep flags, e.g. --stop-after 420 --shard 1/2
+BUDGET     ?= 0.5#                                      mAP50-95 points INT8 may lose against FP16 in the report's rule
+SENS_IMAGES ?= 32#                                      calibration images the sensitivity analysis measures on
+
+KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
+        TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity,$(MAKECMDGOALS)),)
+ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE) does not exist; recipes for MODEL=$(MODEL) are: $(notdir $(RECIPES)))
 endif
 endif
 
-SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --trtexec "$(TRTEXEC)" --polygraphy "$(POLYGRAPHY)" \
-        $(if $(TRT_VERSION),--trt $(TRT_VERSION)) $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) \
-        $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES))
-PIPELINE = $(PY) -m tools.pipeline
+# the environment: created on first use from requirements.txt unless PY names another Python
+ENV = $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
 
-.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy summary sweep sensitivity report test clean
+user_set = $(filter command line environment,$(origin $(1)))
+SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --results "$(RESULTS)" --trtexec "$(TRTEXEC)" \
+        --polygraphy "$(POLYGRAPHY)" $(if $(TRT_VERSION),--trt $(TRT_VERSION)) \
+        $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
+        $(if $(call user_set,ONNX),--onnx "$(ONNX)") $(if $(PROFILES),--profiles $(PROFILES)) \
+        $(if $(OVERWRITE),--overwrite)
+PIPELINE = $(PY) -m tools.pipeline
+SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "$(RESULTS)" \
+          $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
+
+.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile summary sweep sensitivity report \
+        test clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  knobs: MODEL=$(MODEL) RECIPE=$(RECIPE) CALIB_DIR=$(CALIB_DIR) EVAL_DIR=$(EVAL_DIR) GRID=$(GRID)"
-	@echo "  trtexec: $(TRTEXEC)"
+	@echo "knobs (make VAR=value):"
+	@grep -E '^[A-Z_]+ +\?=.*#' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) +\?= *([^#]*)# *(.*)/  \1 (\3)/'
+	@echo "  TRTEXEC (trtexec command; now: $(TRTEXEC))"
+	@echo "  POLYGRAPHY (polygraphy command; now: $(POLYGRAPHY))"
 
 print-%:  ## show what a knob resolves to, e.g. make print-TRTEXEC
 	@echo '$*=$($*)'
 
-all: export  ## every recipe of MODEL end to end, then the summary table (CPU-only machines do the CPU half)
+all: $(ENV) export  ## every recipe of MODEL end to end, then the summary (CPU-only machines do the CPU half)
 	$(PIPELINE) all $(RECIPES) $(SETUP)
-	$(PY) -m tools.summary --model $(MODEL) --eval-dir "$(EVAL_DIR)" --calib-dir "$(CALIB_DIR)" $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT))
+	$(SUMMARY)
 
-cpu: export  ## CPU half of `all`: calibration tensors, ModelOpt quantization, ONNX Runtime mAP
+cpu: $(ENV) export  ## CPU half of `all`: calibration tensors, ModelOpt quantization, ONNX Runtime mAP
 	$(PIPELINE) cpu $(RECIPES) $(SETUP)
 
-gpu:  ## GPU half of `all`: engines, timings, accuracy (needs the quantized models from `make cpu`)
+gpu: $(ENV)  ## GPU half of `all`: engines, timings, accuracy (needs the quantized models from `make cpu`)
 	$(PIPELINE) gpu $(RECIPES) $(SETUP)
+	$(SUMMARY)
 
-export:  ## check the ONNX is a YOLO detector; with PT=model.pt export it through ultralytics first
+export: $(ENV)  ## check ONNX is a YOLO detector; with PT=model.pt (or PT=yolo11s.yaml) export it through ultralytics
 	$(PY) -m tools.export $(if $(PT),--pt "$(PT)") --onnx "$(ONNX)"
 
-calib:  ## calibration tensor (.npy) of RECIPE from CALIB_DIR
+calib: $(ENV)  ## calibration tensor (.npy) of RECIPE from CALIB_DIR
 	$(PIPELINE) calib $(RECIPE) $(SETUP)
 
-quantize:  ## ModelOpt INT8 Q/DQ model of RECIPE
+quantize: $(ENV)  ## ModelOpt INT8 Q/DQ model of RECIPE
 	$(PIPELINE) quantize $(RECIPE) $(SETUP)
 
-onnxrt:  ## COCO mAP of RECIPE's ONNX (FP32 or Q/DQ) in ONNX Runtime
+onnxrt: $(ENV)  ## COCO mAP of RECIPE's ONNX (FP32 or Q/DQ) in ONNX Runtime
 	$(PIPELINE) onnxrt $(RECIPE) $(SETUP)
 
-engine:  ## TensorRT engine of RECIPE (trtexec or the fallback)
+engine: $(ENV)  ## TensorRT engines of RECIPE, one per deployment profile (trtexec or the fallback)
 	$(PIPELINE) engine $(RECIPE) $(SETUP)
 
-bench:  ## latency percentiles and throughput of RECIPE's engine at its bench batches, CUDA graphs off/on
+bench: $(ENV)  ## latency percentiles and throughput of RECIPE's engines at their batches, CUDA graphs off/on
 	$(PIPELINE) engine,bench $(RECIPE) $(SETUP)
 
-accuracy:  ## COCO mAP of RECIPE's engine + polygraphy comparison against ONNX Runtime
+accuracy: $(ENV)  ## COCO mAP of RECIPE's engines + polygraphy comparison against ONNX Runtime
 	$(PIPELINE) engine,accuracy $(RECIPE) $(SETUP)
 
-summary:  ## results/MODEL/summary.{json,csv,md} from the finished records
-	$(PY) -m tools.summary --model $(MODEL) --eval-dir "$(EVAL_DIR)" --calib-dir "$(CALIB_DIR)" $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT))
+profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16's, by YOLO block (CSV + plot)
+	$(PY) -m tools.profile $(RECIPE) recipes/$(MODEL)/fp16.yaml $(SETUP)
 
-sensitivity:  ## which blocks cost accuracy when INT8, and the smallest exclusion set proposed
-	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES)
+summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set's records
+	$(SUMMARY)
 
-sweep:  ## expand GRID into recipes and run each end to end (cached, resumable)
-	$(PY) -m tools.sweep $(GRID) $(SETUP) $(SWEEP_ARGS)
+sensitivity: $(ENV)  ## which blocks cost accuracy when INT8, and the smallest exclusion set proposed
+	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES) \
+	    -o "$(RESULTS)/$(MODEL)/sensitivity.json" $(if $(OVERWRITE),--overwrite)
 
-report:  ## REPORT.md with the table, Pareto plots, the chosen configuration and the deployment guide
-	$(PY) -m tools.report --model $(MODEL) --budget $(BUDGET)
+sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)
+	$(PY) -m tools.sweep $(GRID) $(SETUP) $(if $(GPUS),--gpus $(GPUS)) --jobs-per-gpu $(JOBS_PER_GPU) $(SWEEP_ARGS)
 
-test:  ## the test suite (GPU tests skip without TensorRT)
+report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configuration and the deployment guide
+	$(PY) -m tools.report --model $(MODEL) --budget $(BUDGET) --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
+
+test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests
 
-clean:  ## remove engines, logs and generated models (keeps results/)
-	rm -rf engines/$(MODEL) logs/$(MODEL) models/$(MODEL) calib/$(MODEL)
+clean:  ## remove what runs made for MODEL (engines, logs, generated models and calibration, runs/); keeps committed files
+	git clean -fdqX -- engines/$(MODEL) logs/$(MODEL) models/$(MODEL) calib/$(MODEL) runs/$(MODEL)

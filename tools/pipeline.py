@@ -1,33 +1,38 @@
-"""Run recipes end to end: quantize (CPU, ModelOpt) -> engine -> bench -> accuracy, resuming finished work.
+"""Run recipes end to end, resuming finished work: one stage table, CPU and GPU stages alike.
 
-Every engine-side result of a recipe lands in one record, results/<model>/points/<name>.<key>.json, where the key
-hashes the recipe's settings, the ONNX actually built, the TensorRT version and the GPU. A stage whose part of the
-record exists is skipped, so an interrupted `make all` or sweep picks up where it stopped.
-CPU stages: calib, quantize, onnxrt (ONNX Runtime mAP of the FP32 / Q/DQ model). GPU stages: engine, bench, accuracy.
+CPU stages (per recipe): calib (calibration tensor), quantize (ModelOpt Q/DQ model), onnxrt (ONNX Runtime mAP of the
+model the engine starts from). GPU stages (per recipe and deployment profile, i.e. per engine): engine, bench,
+accuracy, and `layers` (per-layer profile, run by `make profile`, not by `all`).
+Every result is keyed by what it depends on (tools.records): an engine by the recipe's engine settings, its profile,
+the ONNX bytes, the TensorRT version and the GPU; its record also by the evaluation set's content. A stage whose
+result exists is skipped, so an interrupted run picks up where it stopped, and a changed input never reuses a result.
+A point (one recipe, one profile) is a self-contained job: recipe + inputs -> one record file, so points can run in
+parallel on several GPUs (tools.sweep) or machines, and their record folders merge by copying.
 Usage: python -m tools.pipeline STAGES RECIPE...   (STAGES: comma-separated, or all / cpu / gpu)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from tools.common import REPO, UserError, run_main, sha256_file, write_json
-from tools.recipe import Recipe, digest, load
+from tools.common import REPO, UserError, run_main
+from tools.records import Layout, Record, eval_set, file_digest, now_utc, read_json
+from tools.recipe import Recipe, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
 
-STAGES = ("calib", "quantize", "onnxrt", "engine", "bench", "accuracy")
-CPU_STAGES = ("calib", "quantize", "onnxrt")
-STAGE_SETS = {"all": STAGES, "cpu": CPU_STAGES, "gpu": ("engine", "bench", "accuracy")}
+GRAPH_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
+COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has collapsed: an error, not a result
 
 
 def have_tensorrt() -> bool:
@@ -40,9 +45,11 @@ def have_tensorrt() -> bool:
 
 
 def gpu_name() -> str:
+    """The GPU this process runs on: the first of CUDA_VISIBLE_DEVICES (nvidia-smi itself ignores that variable)."""
+    index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()
+        out = subprocess.run(["nvidia-smi", "-i", index, "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
         return out[0].strip() if out else "unknown GPU"
     except (OSError, subprocess.SubprocessError):
         return "unknown GPU"
@@ -54,9 +61,14 @@ def default_trtexec() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Setup:
+    """Everything a run takes besides the recipes: data, tools, timing protocol and where results go."""
     calib_dir: Path
     eval_dir: Path
     root: Path = REPO
+    results: Path = REPO / "runs"
+    overwrite: bool = False
+    onnx: Path | None = None  # the model to start from instead of the recipe's (Makefile ONNX=)
+    profiles: tuple[str, ...] | None = None  # only these deployment profiles (default: every one of the recipe)
     trt_version: str | None = None  # None: the installed TensorRT
     trtexec: tuple[str, ...] = field(default_factory=default_trtexec)
     polygraphy: tuple[str, ...] | None = None
@@ -64,7 +76,7 @@ class Setup:
     warmup_ms: int = 500
     duration_s: float = 3.0
     eval_limit: int | None = None
-    calib_images: int | None = None  # overrides the recipes' calib_images
+    calib_images: int | None = None  # caps every recipe's calib_images (e.g. for a small folder)
     compare_images: int = 4  # real images for the Polygraphy comparison; 0 skips it
     prep_cache: dict = field(default_factory=dict, compare=False, repr=False)  # preprocessed eval images
 
@@ -72,237 +84,368 @@ class Setup:
         """The TensorRT to plan for: the one given, else the installed one, else trt_plan's default."""
         return self.trt_version or detect_version()
 
+    def layout(self, model: str) -> Layout:
+        return Layout(model, self.root, self.results, self.overwrite)
+
+    def adapt(self, recipe: Recipe) -> Recipe:
+        """The recipe as this run executes it: the ONNX override and the calibration-image cap applied, so names and
+        keys say what actually ran (a capped n400 point is an n32 point)."""
+        changes = {}
+        if self.onnx is not None:
+            changes["onnx"] = str(self.onnx)
+        if self.calib_images and recipe.calibrated and recipe.calib_images > self.calib_images:
+            changes["calib_images"] = self.calib_images
+        return recipe.replace(**changes) if changes else recipe
+
+    def engine_profiles(self, recipe: Recipe) -> list[str]:
+        if self.profiles is None:
+            return list(recipe.profiles)
+        missing = [p for p in self.profiles if p not in recipe.profiles]
+        if missing:
+            raise UserError(f"recipe {recipe.name!r} has no profile {missing[0]!r}; its profiles are "
+                            f"{', '.join(recipe.profiles)}")
+        return list(self.profiles)
+
 
 # ----------------------------------------------------------------------------------------------------------------
-def source_onnx(recipe: Recipe, p: Plan, setup: Setup) -> Path:
-    """The ONNX this recipe's engine is built from on this TensorRT (quantized or converted as the plan says)."""
-    if p.onnx_kind == "qdq":
-        from tools.quantize import quantize
+class Point:
+    """One recipe on one TensorRT + GPU, and (for the GPU stages) one of its deployment profiles: every artifact's
+    path and key, computed when first needed."""
 
-        return quantize(recipe, setup.version(), setup.calib_dir, setup.eval_dir, setup.root)
-    if p.onnx_kind == "autocast-fp16":
-        return autocast_fp16(recipe, setup)
-    if not recipe.onnx_path.is_file():
-        raise UserError(f"{recipe.onnx_path}: no such ONNX model; run `make export` or set `onnx:` in the recipe")
-    return recipe.onnx_path
+    def __init__(self, recipe: Recipe, setup: Setup, profile: str | None = None):
+        self.recipe, self.setup, self.profile = recipe, setup, profile
+        self.layout = setup.layout(recipe.model)
+
+    @cached_property
+    def plan(self) -> Plan:
+        return plan(self.recipe, self.setup.version())
+
+    @cached_property
+    def model_onnx(self) -> Path:
+        path = self.recipe.onnx_path
+        if not path.is_file():
+            raise UserError(f"{path}: no such ONNX model; run `make export` (or `make export PT=model.pt`) or set "
+                            f"ONNX=path (recipe key `onnx:`)")
+        return path
+
+    @cached_property
+    def calib_npy(self) -> Path:
+        from tools.quantize import calibration_name
+
+        return calibration_name(self.recipe, self.setup.calib_dir, self.setup.root)
+
+    @cached_property
+    def onnx(self) -> Path:
+        """The ONNX this engine is built from on this TensorRT (quantized or converted as the plan says)."""
+        if self.plan.onnx_kind == "qdq":
+            from tools.quantize import quantize
+
+            return quantize(self.recipe, self.setup.version(), self.setup.calib_dir, self.setup.eval_dir,
+                            self.setup.root)
+        if self.plan.onnx_kind == "autocast-fp16":
+            return autocast_fp16(self)
+        return self.model_onnx
+
+    @cached_property
+    def gpu(self) -> str:
+        return gpu_name()
+
+    @cached_property
+    def implicit_cache(self) -> Path | None:
+        if not self.plan.implicit_calibration:
+            return None
+        return self.calib_npy.with_name(f"{self.calib_npy.stem}.implicit-{self.recipe.implicit_calibrator}-"
+                                        f"{self.setup.version()}-{file_digest(self.model_onnx)[:12]}.cache")
+
+    @cached_property
+    def engine_key(self) -> str:
+        return digest({"settings": self.recipe.engine_settings(self.profile), "onnx": file_digest(self.onnx),
+                       "trt": self.setup.version(), "gpu": self.gpu,
+                       "implicit_calibration": self.implicit_cache.name if self.implicit_cache else None})
+
+    @cached_property
+    def eval(self) -> dict:
+        return eval_set(self.setup.eval_dir, self.setup.eval_limit)
+
+    @cached_property
+    def key(self) -> str:
+        return digest({"engine": self.engine_key, "eval": self.eval["key"]})
+
+    @property
+    def engine_stem(self) -> str:
+        return f"{self.recipe.name}.{self.profile}.{self.engine_key}"
+
+    @property
+    def engine_path(self) -> Path:
+        return self.layout.engines / f"{self.engine_stem}.engine"
+
+    @cached_property
+    def record(self) -> Record:
+        """This point's record: what is already known of it, or a fresh one saying what it will be built from."""
+        r, p = self.recipe, self.recipe.profiles[self.profile]
+        qjson = self.onnx.with_suffix(".json")
+        fresh = {"name": r.name, "key": self.key, "engine_key": self.engine_key, "model": r.model,
+                 "precision": r.precision, "profile": {"name": self.profile, **p.model_dump(), "static": p.static},
+                 "level": r.builder_optimization_level, "recipe": to_dict(r), "trt_version": self.setup.version(),
+                 "gpu": self.gpu, "plan": {"onnx_kind": self.plan.onnx_kind, "flags": list(self.plan.precision_flags),
+                                           "notes": list(self.plan.notes)},
+                 "onnx": self.layout.rel(self.onnx), "onnx_sha256": file_digest(self.onnx),
+                 "eval": {"dir": str(self.setup.eval_dir), "limit": self.setup.eval_limit, **self.eval},
+                 "quantization": read_json(qjson, "quantization record") if self.plan.onnx_kind == "qdq" and
+                 qjson.is_file() else None}
+        return Record.open(self.layout.points / f"{r.name}.{self.profile}.{self.key}.json", fresh)
 
 
-def autocast_fp16(recipe: Recipe, setup: Setup) -> Path:
+def autocast_fp16(point: Point) -> Path:
     """TensorRT 11 has no --fp16: bake FP16 into the ONNX with ModelOpt AutoCast (as Ultralytics 8.4 does). AutoCast
     keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
     random input fails on a dynamic-shape model); the model keeps FP32 inputs and outputs."""
     from tools.calib import build_calibration
     from tools.common import atomic_path
     from tools.engine import run_logged
-    from tools.quantize import model_digest
 
-    root = setup.root
-    out = root / "models" / recipe.model / "quant" / f"{recipe.model}.autocast-fp16.{model_digest(recipe.onnx_path)}.onnx"
+    recipe, setup, layout = point.recipe, point.setup, point.layout
+    source = point.model_onnx
+    out = layout.quant / f"{recipe.model}.autocast-fp16.{file_digest(source)[:12]}.onnx"
     if out.is_file():
         return out
-    image = root / "calib" / recipe.model / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input
+    image = layout.calib / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input name
     if not image.is_file():
         build_calibration(setup.calib_dir, image.with_suffix(".npy"), 1, 0, recipe.imgsz, setup.eval_dir)
         with atomic_path(image) as tmp:
             np.savez(tmp, images=np.load(image.with_suffix(".npy")))
-    log = root / "logs" / recipe.model / f"{out.stem}.log"
+    log = layout.logs / f"{out.stem}.log"
     with atomic_path(out) as tmp:
-        cmd = [sys.executable, "-m", "modelopt.onnx.autocast", "--onnx_path", str(recipe.onnx_path),
-               "--output_path", str(tmp), "--low_precision_type", "fp16", "--calibration_data", str(image),
-               "--keep_io_types"]
+        cmd = [sys.executable, "-m", "modelopt.onnx.autocast", "--onnx_path", str(source), "--output_path", str(tmp),
+               "--low_precision_type", "fp16", "--calibration_data", str(image), "--keep_io_types"]
         rc, _ = run_logged(cmd, log)
         if rc != 0 or not tmp.stat().st_size:
             raise UserError(f"{log}: ModelOpt AutoCast failed (exit {rc}); read the log's last lines")
     return out
 
 
-@dataclass
-class Point:
-    """One recipe on one TensorRT + GPU: where its artifacts live and what is known of it so far."""
-    recipe: Recipe
-    plan: Plan
-    onnx: Path
-    key: str
-    record_path: Path
-    record: dict
-
-    @property
-    def stem(self) -> str:
-        return f"{self.recipe.name}.{self.key}"
-
-
-def make_point(recipe: Recipe, setup: Setup) -> Point:
-    version = setup.version()
-    p = plan(recipe, version)
-    onnx = source_onnx(recipe, p, setup)
-    gpu = gpu_name()
-    key = digest({"settings": recipe.settings(), "onnx": sha256_file(onnx), "trt": version, "gpu": gpu})
-    record_path = setup.root / "results" / recipe.model / "points" / f"{recipe.name}.{key}.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if not record:
-        from tools.recipe import to_dict
-
-        qjson = onnx.with_suffix(".json")
-        record = {"name": recipe.name, "key": key, "model": recipe.model, "precision": recipe.precision,
-                  "recipe": to_dict(recipe), "trt_version": version, "gpu": gpu,
-                  "plan": {"onnx_kind": p.onnx_kind, "flags": list(p.precision_flags), "notes": list(p.notes)},
-                  "onnx": str(onnx.relative_to(setup.root)) if onnx.is_relative_to(setup.root) else str(onnx),
-                  "quantization": json.loads(qjson.read_text()) if p.onnx_kind == "qdq" and qjson.is_file() else None}
-    return Point(recipe, p, onnx, key, record_path, record)
-
-
-def save(point: Point) -> None:
-    write_json(point.record_path, point.record)
-
-
-def stage_engine(point: Point, setup: Setup) -> None:
-    from tools.engine import build
-    from tools.trtlog import parse_file
-
-    r, root = point.recipe, setup.root
-    engine = root / "engines" / r.model / f"{point.stem}.engine"
-    log = root / "logs" / r.model / f"{point.stem}.build.log"
-    cache = None
-    if r.timing_cache:  # TensorRT refuses a cache from another precision or level: one cache per combination
-        cache_key = digest([point.record["trt_version"], point.record["gpu"], point.plan.precision_flags,
-                            r.builder_optimization_level])
-        cache = root / "engines" / r.model / f"timing-{cache_key}.cache"
-    calib_cache = implicit_calibration(point, setup) if point.plan.implicit_calibration else None
-    if not engine.is_file():
-        build(r, point.plan, list(setup.trtexec), point.onnx, engine, log, cache, calib_cache)
-    parsed = parse_file(log)
-    point.record["build"] = {"engine": str(engine.relative_to(root)), "log": str(log.relative_to(root)),
-                             "build_s": parsed.get("build_s"), "engine_mb": round(engine.stat().st_size / 1e6, 3),
-                             "fallback": parsed["fallback"], "timing_cache": bool(cache)}
-
-
-def implicit_calibration(point: Point, setup: Setup) -> Path:
+# ----------------------------------------------------------------------------------------------------------------
+# Stages. Each is (name, GPU or not, for which recipes, done?, run); the GPU ones write into the point's record.
+def calib_run(point: Point) -> None:
     from tools.calib import build_calibration
-    from tools.implicit_calib import calibration_cache
-    from tools.quantize import calibration_name, model_digest
 
     r = point.recipe
-    npy = calibration_name(r, setup.calib_dir, setup.root)
-    cache = npy.with_name(f"{npy.stem}.implicit-{r.implicit_calibrator}-{point.record['trt_version']}-"
-                          f"{model_digest(point.onnx)}.cache")
-    if not cache.is_file():
-        if not npy.is_file():
-            build_calibration(setup.calib_dir, npy, r.calib_images, r.calib_seed, r.imgsz, setup.eval_dir)
-        t0 = time.perf_counter()
-        calibration_cache(point.onnx, npy, cache, r.implicit_calibrator)
-        print(f"  TensorRT {r.implicit_calibrator} calibration on {r.calib_images} images: "
-              f"{time.perf_counter() - t0:.0f} s")
-    point.record["implicit_calibration"] = {"algorithm": r.implicit_calibrator, "images": r.calib_images,
-                                            "cache": str(cache.relative_to(setup.root))}
-    return cache
+    build_calibration(point.setup.calib_dir, point.calib_npy, r.calib_images, r.calib_seed, r.imgsz,
+                      point.setup.eval_dir)
 
 
-def missing_timings(point: Point, setup: Setup) -> list[tuple[int, bool]]:
-    """(batch, CUDA graph) runs this setup asks for that the record lacks: timings are kept per run, so a sweep
-    (CUDA graphs only) and `make bench` (with and without) share a reference's engine and add only what is new."""
-    have = {(b["batch"], b["cuda_graph"]) for b in point.record.get("bench", [])}
-    return [(b, g) for b in point.recipe.bench_batches for g in setup.cuda_graphs if (b, g) not in have]
+def quantize_run(point: Point) -> None:
+    print(f"  {point.recipe.name}: quantized model {point.layout.rel(point.onnx)}")
 
 
-def stage_bench(point: Point, setup: Setup) -> None:
-    from tools.bench import bench
-
-    engine = setup.root / point.record["build"]["engine"]
-    prefix = setup.root / "logs" / point.recipe.model / point.stem
-    rows = point.record.get("bench", [])
-    for batch, graph in missing_timings(point, setup):
-        new = bench(engine, list(setup.trtexec), prefix, [batch], point.recipe.imgsz, (graph,), setup.warmup_ms,
-                    setup.duration_s)
-        rows += [{**row, "duration_s": setup.duration_s, "log": str(Path(row["log"]).relative_to(setup.root))}
-                 for row in new]
-    point.record["bench"] = sorted(rows, key=lambda r: (r["batch"], r["cuda_graph"]))
+def onnxrt_path(point: Point, onnx: Path) -> Path:
+    key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"]})
+    kind = "fp32" if onnx == point.model_onnx else point.recipe.name
+    return point.layout.onnxrt / f"{kind}.{key}.json"
 
 
-def stage_accuracy(point: Point, setup: Setup) -> None:
-    from tools.compare import compare
+def onnxrt_score(point: Point, onnx: Path) -> dict:
+    """ONNX Runtime mAP of `onnx` on the evaluation set, cached by content (model bytes and evaluation set)."""
     from tools.evaluate import evaluate
 
-    engine = setup.root / point.record["build"]["engine"]
-    if "accuracy" not in point.record:
-        acc = evaluate(engine, setup.eval_dir, batch=min(32, point.recipe.max_batch), imgsz=point.recipe.imgsz,
-                       limit=setup.eval_limit, prep_cache=setup.prep_cache)
-        point.record["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "image_dir") if k in acc}
-    if not setup.compare_images or "compare" in point.record:
-        return
-    work = setup.root / "logs" / point.recipe.model / "compare"
-    point.record["compare"] = compare(engine, point.recipe.onnx_path, setup.eval_dir, work, setup.compare_images,
-                                      polygraphy=list(setup.polygraphy) if setup.polygraphy else None,
-                                      imgsz=point.recipe.imgsz)
-
-
-STAGE_FUNCS = {"engine": stage_engine, "bench": stage_bench, "accuracy": stage_accuracy}
-STAGE_KEYS = {"engine": "build", "bench": "bench", "accuracy": "accuracy"}
-
-
-def has_all_stages(record: dict | None) -> bool:
-    """Whether a point's record holds the result of every GPU stage (what the result tables are built from)."""
-    return bool(record) and all(key in record for key in STAGE_KEYS.values())
-
-
-def stage_done(stage: str, point: Point, setup: Setup) -> bool:
-    if stage == "bench":
-        return "bench" in point.record and not missing_timings(point, setup)
-    if stage == "accuracy":
-        return "accuracy" in point.record and (not setup.compare_images or "compare" in point.record)
-    return STAGE_KEYS[stage] in point.record
-
-
-def onnxrt_accuracy(recipe: Recipe, setup: Setup) -> dict:
-    """COCO mAP of the ONNX this recipe starts from (FP32, or its Q/DQ model) in ONNX Runtime; cached by content."""
-    from tools.evaluate import evaluate
-
-    p = plan(recipe, setup.version())
-    onnx = source_onnx(recipe, p, setup) if p.onnx_kind == "qdq" else recipe.onnx_path
-    kind = "fp32" if onnx == recipe.onnx_path else recipe.name
-    key = digest({"onnx": sha256_file(onnx), "eval": str(setup.eval_dir), "limit": setup.eval_limit})
-    out = setup.root / "results" / recipe.model / "onnxrt" / f"{kind}.{key}.json"
+    out = onnxrt_path(point, onnx)
     if out.is_file():
-        return json.loads(out.read_text())
-    res = evaluate(onnx, setup.eval_dir, limit=setup.eval_limit, batch=8)
-    res.update(kind=kind, onnx=str(onnx.relative_to(setup.root)) if onnx.is_relative_to(setup.root) else str(onnx))
-    write_json(out, res)
+        return read_json(out, "ONNX Runtime result")
+    res = evaluate(onnx, point.setup.eval_dir, limit=point.setup.eval_limit, batch=8)
+    res.update(kind="fp32" if onnx == point.model_onnx else point.recipe.name, onnx=point.layout.rel(onnx),
+               onnx_sha256=file_digest(onnx), eval=point.eval, measured_utc=now_utc())
+    point.layout.write_json(out, res)
     return res
 
 
-def run_cpu_stages(recipe: Recipe, setup: Setup, stages, log=print) -> None:
-    from tools.quantize import calibration_npy, quantize
+def onnxrt_run(point: Point) -> None:
+    """Score the model the engine starts from; a quantized model that collapses against FP32 is an error."""
+    from tools.yolo_graph import is_random_weights
 
-    version = setup.version()
-    if "calib" in stages and recipe.calibrated:
-        log(f"  {recipe.name}: calibration tensor {calibration_npy(recipe, setup.calib_dir, setup.eval_dir, setup.root)}")
-    if "quantize" in stages and recipe.quantized:
-        quantize(recipe, version, setup.calib_dir, setup.eval_dir, setup.root)
-    if "onnxrt" in stages and recipe.precision != "int8-implicit":
-        res = onnxrt_accuracy(recipe, setup)
-        log(f"  {recipe.name}: ONNX Runtime {res['kind']} mAP50-95 {res['map50_95']:.4f} ({res['images']} images)")
+    source = point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
+    res = onnxrt_score(point, source)
+    print(f"  {point.recipe.name}: ONNX Runtime {res['kind']} mAP50-95 {res['map50_95']:.4f} ({res['images']} images)")
+    if source == point.model_onnx or is_random_weights(point.model_onnx):
+        return
+    fp32 = onnxrt_score(point, point.model_onnx)
+    if res["map50_95"] < COLLAPSE * fp32["map50_95"]:
+        raise UserError(f"{source}: ONNX Runtime mAP50-95 {res['map50_95']:.4f} against the FP32 model's "
+                        f"{fp32['map50_95']:.4f}: this quantized model collapsed; do not deploy it (check its "
+                        f"high_precision_dtype and calibration, see README 'Known issues')")
 
 
-def run_recipe(recipe: Recipe, setup: Setup, stages=STAGES, log=print) -> dict | None:
-    """Run `stages` of one recipe; returns its engine record (None when only CPU stages ran)."""
-    if setup.calib_images and recipe.calibrated:
-        recipe = recipe.replace(calib_images=setup.calib_images)
-    run_cpu_stages(recipe, setup, [s for s in stages if s in CPU_STAGES], log)
-    if not set(stages) - set(CPU_STAGES):
-        return None
-    point = make_point(recipe, setup)
-    for stage in ("engine", "bench", "accuracy"):
-        if stage not in stages or stage_done(stage, point, setup):
-            continue
-        if stage != "engine" and STAGE_KEYS["engine"] not in point.record:
-            raise UserError(f"recipe {recipe.name!r}: no engine yet for stage {stage}; run the engine stage first")
+def onnxrt_done(point: Point) -> bool:
+    source = point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
+    return onnxrt_path(point, source).is_file()
+
+
+def engine_run(point: Point) -> None:
+    from tools.engine import build
+    from tools.trtlog import parse_file
+
+    r, setup, layout = point.recipe, point.setup, point.layout
+    log = layout.logs / f"{point.engine_stem}.build.log"
+    cache = None
+    if r.timing_cache:  # TensorRT refuses a cache from another precision or level: one cache per combination
+        cache_key = digest([setup.version(), point.gpu, point.plan.precision_flags, r.builder_optimization_level])
+        cache = layout.engines / f"timing-{cache_key}.cache"
+    calib_cache = implicit_calibration(point) if point.plan.implicit_calibration else None
+    if not point.engine_path.is_file():
+        build(r, point.profile, point.plan, list(setup.trtexec), point.onnx, point.engine_path, log, cache,
+              calib_cache)
+    parsed = parse_file(log)
+    point.record.data["build"] = {"engine": layout.rel(point.engine_path), "log": layout.rel(log),
+                                  "build_s": parsed.get("build_s"),
+                                  "engine_mb": round(point.engine_path.stat().st_size / 1e6, 3),
+                                  "fallback": parsed["fallback"], "timing_cache": bool(cache)}
+
+
+def implicit_calibration(point: Point) -> Path:
+    from tools.implicit_calib import calibration_cache
+
+    r, cache = point.recipe, point.implicit_cache
+    if not cache.is_file():
+        if not point.calib_npy.is_file():
+            calib_run(point)
         t0 = time.perf_counter()
-        STAGE_FUNCS[stage](point, setup)
-        point.record.setdefault("measured_utc", {})[stage] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        spent = point.record.setdefault("stage_seconds", {})
-        spent[stage] = round(spent.get(stage, 0) + time.perf_counter() - t0, 1)
-        save(point)
-        log(f"  {recipe.name}: {stage} done in {time.perf_counter() - t0:.0f} s")
-    return point.record
+        calibration_cache(point.model_onnx, point.calib_npy, cache, r.implicit_calibrator)
+        print(f"  TensorRT {r.implicit_calibrator} calibration on {r.calib_images} images: "
+              f"{time.perf_counter() - t0:.0f} s")
+    point.record.data["implicit_calibration"] = {"algorithm": r.implicit_calibrator, "images": r.calib_images,
+                                                 "cache": point.layout.rel(cache)}
+    return cache
+
+
+def protocol(setup: Setup) -> dict:
+    return {"warmup_ms": setup.warmup_ms, "duration_s": setup.duration_s}
+
+
+def missing_timings(point: Point) -> list[tuple[int, bool]]:
+    """(batch, CUDA graph) runs this setup asks for that the record lacks under this setup's timing protocol."""
+    want = protocol(point.setup)
+    have = {(b["batch"], b["cuda_graph"]) for b in point.record.data.get("bench", [])
+            if {k: b.get(k) for k in want} == want}
+    batches = point.recipe.profiles[point.profile].bench
+    return [(b, g) for b in batches for g in point.setup.cuda_graphs if (b, g) not in have]
+
+
+def bench_run(point: Point) -> None:
+    """Time the engine at its profile's batches; rows of another timing protocol are replaced, so a record's
+    timings always share one protocol."""
+    from tools.bench import bench
+
+    setup, layout = point.setup, point.layout
+    engine = layout.resolve(point.record.data["build"]["engine"])
+    prefix = layout.logs / point.engine_stem
+    want = protocol(setup)
+    rows = [b for b in point.record.data.get("bench", []) if {k: b.get(k) for k in want} == want]
+    for batch, graph in missing_timings(point):
+        new = bench(engine, list(setup.trtexec), prefix, [batch], point.recipe.imgsz, (graph,), setup.warmup_ms,
+                    setup.duration_s)
+        rows += [{**row, **want, "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+                  "log": layout.rel(row["log"])} for row in new]
+    point.record.data["bench"] = sorted(rows, key=lambda r: (r["batch"], r["cuda_graph"]))
+
+
+def accuracy_run(point: Point) -> None:
+    from tools.compare import compare
+    from tools.evaluate import evaluate
+
+    setup, layout, rec = point.setup, point.layout, point.record.data
+    engine = layout.resolve(rec["build"]["engine"])
+    if "accuracy" not in rec:
+        profile = point.recipe.profiles[point.profile]
+        acc = evaluate(engine, setup.eval_dir, batch=min(32, profile.max), imgsz=point.recipe.imgsz,
+                       limit=setup.eval_limit, prep_cache=setup.prep_cache)
+        rec["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "halves") if k in acc}
+    if setup.compare_images and "compare" not in rec:
+        work = layout.logs / "compare"
+        rec["compare"] = compare(engine, point.model_onnx, setup.eval_dir, work, setup.compare_images,
+                                 polygraphy=list(setup.polygraphy) if setup.polygraphy else None,
+                                 imgsz=point.recipe.imgsz)
+
+
+def accuracy_done(point: Point) -> bool:
+    rec = point.record.data
+    return "accuracy" in rec and (not point.setup.compare_images or "compare" in rec)
+
+
+def layers_run(point: Point) -> None:
+    from tools.profile import profile_engine
+
+    layout, rec = point.layout, point.record.data
+    profile = point.recipe.profiles[point.profile]
+    rec["layers"] = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
+                                   layout.logs / point.engine_stem, profile.max, point.recipe.imgsz)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    gpu: bool
+    applies: Callable[[Recipe], bool]
+    done: Callable[[Point], bool]
+    run: Callable[[Point], None]
+    record_key: str | None = None  # the part of the point record this stage writes (GPU stages)
+
+
+def _record_has(key: str) -> Callable[[Point], bool]:
+    return lambda point: key in point.record.data
+
+
+STAGE_TABLE = (
+    Stage("calib", False, lambda r: r.calibrated, lambda p: p.calib_npy.is_file(), calib_run),
+    Stage("quantize", False, lambda r: r.quantized, lambda p: "onnx" in p.__dict__, quantize_run),
+    Stage("onnxrt", False, lambda r: r.precision != "int8-implicit", onnxrt_done, onnxrt_run),
+    Stage("engine", True, lambda r: True, lambda p: _record_has("build")(p) and p.engine_path.is_file(), engine_run,
+          "build"),
+    Stage("bench", True, lambda r: True, lambda p: "bench" in p.record.data and not missing_timings(p), bench_run,
+          "bench"),
+    Stage("accuracy", True, lambda r: True, accuracy_done, accuracy_run, "accuracy"),
+    Stage("layers", True, lambda r: True, _record_has("layers"), layers_run, "layers"),
+)
+STAGES = {s.name: s for s in STAGE_TABLE}
+STAGE_SETS = {"all": ("calib", "quantize", "onnxrt", "engine", "bench", "accuracy"),
+              "cpu": ("calib", "quantize", "onnxrt"), "gpu": ("engine", "bench", "accuracy")}
+RESULT_STAGES = ("engine", "bench", "accuracy")  # what a finished point record holds: the result tables need them
+
+
+def has_all_stages(record: dict | None) -> bool:
+    """Whether a point's record holds the result of every stage the result tables are built from."""
+    return bool(record) and all(STAGES[s].record_key in record for s in RESULT_STAGES)
+
+
+def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print) -> list[dict]:
+    """Run `stages` of one recipe (CPU stages once, GPU stages once per deployment profile); returns the records of
+    the engines it touched."""
+    recipe = setup.adapt(recipe)
+    cpu = Point(recipe, setup)
+    for stage in (STAGES[s] for s in stages if not STAGES[s].gpu):
+        if stage.applies(recipe) and not stage.done(cpu):
+            stage.run(cpu)
+    gpu_stages = [STAGES[s] for s in stages if STAGES[s].gpu]
+    if not gpu_stages:
+        return []
+    records = []
+    for profile in setup.engine_profiles(recipe):
+        point = Point(recipe, setup, profile)
+        for stage in gpu_stages:
+            if stage.done(point):
+                continue
+            if stage.name != "engine" and "build" not in point.record.data:
+                raise UserError(f"recipe {recipe.name!r}: no engine yet for stage {stage.name}; run the engine stage "
+                                f"first")
+            t0 = time.perf_counter()
+            stage.run(point)
+            rec = point.record.data
+            rec.setdefault("measured_utc", {})[stage.name] = now_utc()
+            spent = rec.setdefault("stage_seconds", {})
+            spent[stage.name] = round(spent.get(stage.name, 0) + time.perf_counter() - t0, 1)
+            point.record.save(point.layout)
+            log(f"  {recipe.name} [{profile}]: {stage.name} done in {time.perf_counter() - t0:.0f} s")
+        log(f"record: {point.record.path}")
+        records.append(point.record.data)
+    return records
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -310,50 +453,92 @@ def parse_stages(text: str) -> tuple[str, ...]:
         return STAGE_SETS[text]
     stages = tuple(s for s in text.split(",") if s)
     bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise UserError(f"unknown stage {bad[0]!r}; stages are {', '.join(STAGES)} or {', '.join(STAGE_SETS)}")
+    if bad or not stages:
+        raise UserError(f"unknown stage {(bad or [text])[0]!r}; stages are {', '.join(STAGES)} or "
+                        f"{', '.join(STAGE_SETS)}")
     return stages
+
+
+def positive(kind=int):
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
 
 
 def add_setup_args(ap: argparse.ArgumentParser) -> None:
     """The flags every driver (pipeline, sweep) shares, each spelled once and mapped onto Setup."""
     ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"), help="calibration images")
     ap.add_argument("--eval-dir", default=str(REPO / "data" / "coco-mini"), help="evaluation images + annotations")
+    ap.add_argument("--results", default=str(REPO / "runs"),
+                    help="where records and tables go (default: runs/; results/ is the committed set)")
+    ap.add_argument("--overwrite", action="store_true", help="replace committed (git-tracked) result files")
+    ap.add_argument("--onnx", help="start from this ONNX instead of each recipe's model")
+    ap.add_argument("--profiles", help="comma-separated deployment profiles to build (default: each recipe's all)")
     ap.add_argument("--trt", help="TensorRT version (default: the installed one; 10 when planning without it)")
     ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
     ap.add_argument("--polygraphy", help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
-    ap.add_argument("--no-graphs", action="store_true", help="time without CUDA graphs only")
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds timed per (batch, graph) run")
-    ap.add_argument("--warmup-ms", type=int, default=500)
-    ap.add_argument("--eval-limit", type=int, help="score only the first N evaluation images")
-    ap.add_argument("--calib-images", type=int, help="override every recipe's calib_images (e.g. for a small folder)")
+    ap.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="both",
+                    help="time with CUDA graphs, without, or both (default)")
+    ap.add_argument("--duration", type=positive(float), default=3.0, help="seconds timed per (batch, graph) run")
+    ap.add_argument("--warmup-ms", type=positive(int), default=500)
+    ap.add_argument("--eval-limit", type=positive(int), help="score only the first N evaluation images")
+    ap.add_argument("--compare-images", type=int, default=4,
+                    help="real images for the Polygraphy comparison against ONNX Runtime (0: skip it)")
+    ap.add_argument("--calib-images", type=positive(int),
+                    help="cap every recipe's calib_images (e.g. for a small folder); names follow the capped count")
 
 
 def setup_from_args(args) -> Setup:
-    return Setup(calib_dir=Path(args.calib_dir), eval_dir=Path(args.eval_dir), trt_version=args.trt,
+    onnx = Path(args.onnx).resolve() if args.onnx else None
+    if onnx is not None and not onnx.is_file():
+        raise UserError(f"{args.onnx}: no such ONNX model (ONNX= / --onnx); export one with make export")
+    return Setup(calib_dir=Path(args.calib_dir), eval_dir=Path(args.eval_dir), results=Path(args.results).resolve(),
+                 overwrite=args.overwrite, onnx=onnx,
+                 profiles=tuple(args.profiles.split(",")) if args.profiles else None, trt_version=args.trt,
                  trtexec=tuple(shlex.split(args.trtexec)) if args.trtexec else default_trtexec(),
                  polygraphy=tuple(shlex.split(args.polygraphy)) if args.polygraphy else None,
-                 cuda_graphs=(False,) if args.no_graphs else (False, True), warmup_ms=args.warmup_ms,
-                 duration_s=args.duration, eval_limit=args.eval_limit, calib_images=args.calib_images)
+                 cuda_graphs=GRAPH_MODES[args.cuda_graphs], warmup_ms=args.warmup_ms, duration_s=args.duration,
+                 eval_limit=args.eval_limit, calib_images=args.calib_images, compare_images=args.compare_images)
+
+
+def setup_to_args(setup: Setup) -> list[str]:
+    """The flags that give `setup` back through setup_from_args: how a sweep hands its setup to each job."""
+    mode = next(m for m, g in GRAPH_MODES.items() if g == setup.cuda_graphs)
+    args = ["--calib-dir", str(setup.calib_dir), "--eval-dir", str(setup.eval_dir), "--results", str(setup.results),
+            "--trtexec", shlex.join(setup.trtexec), "--cuda-graphs", mode, "--duration", f"{setup.duration_s:g}",
+            "--warmup-ms", str(setup.warmup_ms), "--compare-images", str(setup.compare_images)]
+    for flag, value in (("--onnx", setup.onnx), ("--trt", setup.trt_version), ("--eval-limit", setup.eval_limit),
+                        ("--calib-images", setup.calib_images),
+                        ("--polygraphy", shlex.join(setup.polygraphy) if setup.polygraphy else None)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + (["--overwrite"] if setup.overwrite else [])
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.pipeline", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tools.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stages", help="comma-separated stages, or all / cpu / gpu")
     ap.add_argument("recipes", nargs="+")
     add_setup_args(ap)
     args = ap.parse_args(argv)
     stages = parse_stages(args.stages)
     setup = setup_from_args(args)
-    gpu_stages = [s for s in stages if s not in CPU_STAGES]
+    gpu_stages = [s for s in stages if STAGES[s].gpu]
     if gpu_stages and not have_tensorrt():
         print(f"skipped {', '.join(gpu_stages)}: TensorRT is not installed here (python -c 'import tensorrt' fails)")
-        stages = tuple(s for s in stages if s in CPU_STAGES)
+        stages = tuple(s for s in stages if not STAGES[s].gpu)
         if not stages:
             return
+    recipes = [load(path) for path in args.recipes]  # every recipe checked before any work
     failed = []
-    for path in args.recipes:  # like make -k: one recipe's failure does not stop the others
-        recipe = load(path)
+    for recipe in recipes:  # like make -k: one recipe's failure does not stop the others
         t0 = time.perf_counter()
         try:
             run_recipe(recipe, setup, stages)
