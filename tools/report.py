@@ -1,77 +1,186 @@
-"""results/<model>/REPORT.md: the sweep table, Pareto plots, the chosen configuration and how to deploy it.
+"""<results>/<model>/REPORT.md: the sweep table, Pareto plots, the chosen configuration and how to deploy it.
 
-Selection rule (stated in the report): the fastest INT8-mixed configuration at batch 1 whose mAP50-95 is within
-BUDGET (mAP points, default 0.5) of the FP16 engine; and the throughput-optimal one at the largest batch under the
-same budget. Both are set against the two Ultralytics recipes.
+Selection rule (stated in the report): among the INT8-mixed configurations measured at the final builder level, the
+fastest at the latency profile (smallest batch) whose mAP50-95 is within BUDGET mAP points of the FP16 engine of the
+same level and profile, and the one with the highest throughput at the throughput profile (largest batch) under the
+same budget. The rule reads the accuracy of one half of the evaluation images (half A); the other half (B) confirms
+the drop, and the report says so when the halves disagree by more than engine-to-engine noise. Every speed-up is
+against FP16 built at the same level and profile and timed in the same run. Both choices are set against the two
+Ultralytics recipes. Where the sweep screened at a cheaper level, the report shows how well it ranked the front.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from tools.common import REPO, UserError, atomic_path, run_main, write_text
+from tools.common import REPO, UserError, atomic_path, run_main
+from tools.records import Layout, read_json
 
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
+NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
 
 
-def best_row(row, field):
+def best(row: dict, field: str) -> float:
     """The faster of the CUDA-graph and plain timings of a row (a deployment picks the better one)."""
-    graph = {"latency_ms_p50": "latency_ms_p50_cuda_graph", "throughput_ips": "throughput_ips_cuda_graph"}[field]
-    values = [v for v in (row.get(field), row.get(graph)) if v is not None]
+    values = [v for v in (row.get(field), row.get(f"{field}_cuda_graph")) if v is not None]
     return (min if field.startswith("latency") else max)(values)
 
 
-def p99(row) -> float | None:
-    """p99 of the mode (CUDA graph or not) whose median best_row reports."""
+def p99(row: dict) -> float | None:
+    """p99 of the mode (CUDA graph or not) whose median `best` reports."""
     graph = row.get("latency_ms_p50_cuda_graph")
     if graph is not None and graph <= row["latency_ms_p50"]:
         return row.get("latency_ms_p99_cuda_graph")
     return row.get("latency_ms_p99")
 
 
-def fp16_baseline(at_batch: dict[str, dict], row: dict) -> tuple[dict | None, bool]:
-    """The FP16 row to set `row` against: one built at the same builder level if the sweep has it (the level alone
-    moves latency a lot), else any FP16 row; the flag says whether the levels match."""
-    fp16 = [r for r in at_batch.values() if r["precision"] == "fp16"]
-    same = [r for r in fp16 if r.get("level") == row.get("level")]
-    return (same or fp16 or [None])[0], bool(same)
+def selection_map(row: dict, half: str = "a") -> float:
+    """The mAP the rule reads: half A of the evaluation images where the record has halves, else all of them."""
+    return row.get(f"map50_95_{half}", row["map50_95"])
 
 
-def by_config(rows: list[dict], batch: int) -> dict[str, dict]:
-    return {r["config"]: r for r in rows if r["batch"] == batch}
+class Table:
+    """The sweep's rows by (level, profile, batch, config), with the latency and throughput profiles named."""
+
+    def __init__(self, rows: list[dict], final_level: int | None = None):
+        if not rows:
+            raise UserError("the sweep table has no rows; run `make sweep` first")
+        self.rows = rows
+        self.levels = sorted({r["level"] for r in rows})
+        self.final = final_level if final_level in self.levels else self.levels[-1]
+        sizes = {r["profile"]: r["batch"] for r in sorted(rows, key=lambda r: r["batch"])}
+        self.latency_profile = min(sizes, key=lambda p: min(r["batch"] for r in rows if r["profile"] == p))
+        self.throughput_profile = max(sizes, key=lambda p: max(r["batch"] for r in rows if r["profile"] == p))
+        self.small = min(r["batch"] for r in rows if r["profile"] == self.latency_profile)
+        self.large = max(r["batch"] for r in rows if r["profile"] == self.throughput_profile)
+
+    def at(self, level: int, profile: str, batch: int) -> dict[str, dict]:
+        return {r["config"]: r for r in self.rows if r["level"] == level and r["profile"] == profile
+                and r["batch"] == batch}
+
+    def latency(self, level=None) -> dict[str, dict]:
+        return self.at(self.final if level is None else level, self.latency_profile, self.small)
+
+    def throughput(self, level=None) -> dict[str, dict]:
+        return self.at(self.final if level is None else level, self.throughput_profile, self.large)
 
 
-def select(rows: list[dict], budget: float) -> dict:
-    """Apply the stated rule; budget in mAP points (0.5 = 0.005 mAP50-95)."""
-    batches = sorted({r["batch"] for r in rows})
-    small, large = batches[0], batches[-1]
-    at_small, at_large = by_config(rows, small), by_config(rows, large)
-    if "fp16" not in at_small:
-        raise UserError("the sweep has no fp16 row: include recipes/<model>/fp16.yaml in the grid's references")
-    fp16 = at_small["fp16"]
-    floor = fp16["map50_95"] - budget / 100
-    int8 = [c for c, r in at_small.items() if r["precision"] in ("int8-qdq", "int8-implicit")]
-    closest = max(int8, key=lambda c: at_small[c]["map50_95"]) if int8 else None
-    mixed = [c for c in int8 if at_small[c]["map50_95"] >= floor]
-    if not mixed:
-        return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": None, "throughput": None,
-                "closest": closest, "small_batch": small, "large_batch": large}
-    fastest = min(mixed, key=lambda c: best_row(at_small[c], "latency_ms_p50"))
-    mixed_large = [c for c in mixed if c in at_large]
-    widest = max(mixed_large, key=lambda c: best_row(at_large[c], "throughput_ips")) if mixed_large else None
-    return {"budget": budget, "fp16_map50_95": fp16["map50_95"], "latency": fastest, "throughput": widest,
-            "closest": closest, "small_batch": small, "large_batch": large}
+def select(table: Table, budget: float) -> dict:
+    """Apply the stated rule at the final level; budget in mAP points (0.5 = 0.005 mAP50-95)."""
+    lat, thr = table.latency(), table.throughput()
+    if "fp16" not in lat or "fp16" not in thr:
+        raise UserError(f"the sweep has no fp16 engine at level {table.final} in both profiles: include "
+                        f"recipes/<model>/fp16.yaml in the grid's references")
+    int8 = lambda at: [c for c, r in at.items() if r["precision"] in ("int8-qdq", "int8-implicit")]  # noqa: E731
+    within = lambda at: [c for c in int8(at)  # noqa: E731
+                         if selection_map(at[c]) >= selection_map(at["fp16"]) - budget / 100]
+    fastest = min(within(lat), key=lambda c: best(lat[c], "latency_ms_p50"), default=None)
+    widest = max(within(thr), key=lambda c: best(thr[c], "throughput_ips"), default=None)
+    closest = max(int8(lat), key=lambda c: selection_map(lat[c]), default=None)
+    return {"budget": budget, "level": table.final, "latency_profile": table.latency_profile,
+            "throughput_profile": table.throughput_profile, "small_batch": table.small, "large_batch": table.large,
+            "halves": "map50_95_a" in lat["fp16"], "latency": fastest, "throughput": widest, "closest": closest}
 
 
-def pareto_plot(rows, batch, field, out, title, xlabel):
+def drop(at: dict[str, dict], config: str, half: str | None) -> float:
+    """mAP50-95 points `config` loses against FP16 in the same table (on one half, or all images)."""
+    key = (lambda r: selection_map(r, half)) if half else (lambda r: r["map50_95"])
+    return (key(at["fp16"]) - key(at[config])) * 100
+
+
+def accuracy_text(at: dict[str, dict], config: str) -> str:
+    r = at[config]
+    text = f"mAP50-95 {r['map50_95']:.4f} ({-drop(at, config, None):+.2f} points vs FP16 on all images"
+    if "map50_95_a" in r:
+        a, b = drop(at, config, "a"), drop(at, config, "b")
+        text += f"; {-a:+.2f} on half A, which chose it, {-b:+.2f} on half B, which confirms it"
+        if abs(a - b) > NOISE:
+            text += f" - the halves disagree by {abs(a - b):.2f} points, more than the {NOISE} of engine-to-engine noise"
+    return text + ")"
+
+
+def speedup_table(table: Table, config: str, level: int) -> str:
+    """Speed-up of `config` over FP16 built at the same level and profile, per profile and batch, same run."""
+    lines = ["| profile | batch | latency p50 ms | FP16 p50 ms | latency speed-up | img/s | FP16 img/s | "
+             "throughput speed-up |", "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["profile"], r["batch"]) for r in table.rows if r["level"] == level},
+                  key=lambda k: (k[1], k[0]))
+    for profile, batch in keys:
+        at = table.at(level, profile, batch)
+        if config not in at or "fp16" not in at:
+            continue
+        c, f = at[config], at["fp16"]
+        lines.append(f"| {profile} | {batch} | {best(c, 'latency_ms_p50'):.3f} | {best(f, 'latency_ms_p50'):.3f} | "
+                     f"{best(f, 'latency_ms_p50') / best(c, 'latency_ms_p50'):.2f}x | {best(c, 'throughput_ips'):,.0f}"
+                     f" | {best(f, 'throughput_ips'):,.0f} | "
+                     f"{best(c, 'throughput_ips') / best(f, 'throughput_ips'):.2f}x |")
+    return "\n".join(lines)
+
+
+def selection_section(table: Table, choice: dict) -> list[str]:
+    lat, level = table.latency(), table.final
+    md = []
+    if choice["latency"]:
+        md += [f"**Chosen (latency, profile `{table.latency_profile}`): `{choice['latency']}`**, "
+               f"{accuracy_text(lat, choice['latency'])}.", "", speedup_table(table, choice["latency"], level), ""]
+        thr = choice["throughput"]
+        md += [f"**Throughput-optimal (profile `{table.throughput_profile}`, batch {table.large}): `{thr}`**, "
+               f"{accuracy_text(table.throughput(), thr)}.", ""]
+        if thr != choice["latency"]:
+            md += [speedup_table(table, thr, level), ""]
+    else:
+        md += [f"**Chosen: `fp16`**: no INT8-mixed configuration is within {choice['budget']} mAP points of FP16 at "
+               f"level {level}, so FP16 stays the choice at this budget (`make report BUDGET=...` applies another).",
+               ""]
+    if choice["closest"] and choice["closest"] != choice["latency"]:
+        md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, {accuracy_text(lat, choice['closest'])}"
+               f":", "", speedup_table(table, choice["closest"], level), ""]
+    refs = [r for r in ULTRALYTICS if r in lat]
+    if refs:
+        md += ["Against the Ultralytics 8.4 recipes:", ""]
+        for ref in refs:
+            md += [f"`{ref}`, {accuracy_text(lat, ref)}:", "", speedup_table(table, ref, level), ""]
+    return md
+
+
+def kendall_tau(xs: list[float], ys: list[float]) -> float:
+    """Kendall's rank correlation (tau-a): 1 when two orderings agree on every pair."""
+    n = len(xs)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if not pairs:
+        return float("nan")
+    score = sum((xs[i] - xs[j]) * (ys[i] - ys[j]) > 0 for i, j in pairs) - \
+        sum((xs[i] - xs[j]) * (ys[i] - ys[j]) < 0 for i, j in pairs)
+    return score / len(pairs)
+
+
+def screening_section(table: Table, screen_level: int | None) -> list[str]:
+    """How the cheaper screening level ranked the configurations measured at both levels."""
+    if screen_level is None or screen_level == table.final or screen_level not in table.levels:
+        return []
+    md = [f"## Screening at level {screen_level} against level {table.final}", "",
+          f"Every configuration was first built and timed at builder level {screen_level}; the front, FP16 and the "
+          f"references were measured again at level {table.final}, in the same run.", "",
+          "| profile | batch | configurations | Kendall tau (speed order) | level-final / level-screen time |",
+          "|---|---|---|---|---|"]
+    for profile, batch, field in ((table.latency_profile, table.small, "latency_ms_p50"),
+                                  (table.throughput_profile, table.large, "latency_ms_p50")):
+        low, high = table.at(screen_level, profile, batch), table.at(table.final, profile, batch)
+        both = sorted(set(low) & set(high))
+        ratios = [best(high[c], field) / best(low[c], field) for c in both]
+        tau = kendall_tau([best(low[c], field) for c in both], [best(high[c], field) for c in both])
+        md.append(f"| {profile} | {batch} | {len(both)} | {tau:.2f} | {min(ratios, default=0):.2f}-"
+                  f"{max(ratios, default=0):.2f} |")
+    return md + [""]
+
+
+def pareto_plot(table: Table, at: dict[str, dict], field: str, out: Path, title: str, xlabel: str, layout: Layout):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(best_row(r, field), r["map50_95"] * 100, r["config"], r["precision"])
-           for r in rows if r["batch"] == batch]
+    pts = [(best(r, field), r["map50_95"] * 100, c, r["precision"]) for c, r in at.items()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"fp16": "tab:blue", "int8-qdq": "tab:orange", "int8-implicit": "tab:green"}
     for x, y, name, prec in pts:
@@ -87,190 +196,141 @@ def pareto_plot(rows, batch, field, out, title, xlabel):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
+    with atomic_path(layout.guard(out)) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
 
 
-def table(rows, batch) -> str:
-    lines = ["| configuration | calibration | images | kept in float | level | p50 ms | p99 ms | img/s | mAP50-95 | "
-             "exact-158 mAP50-95 | mAP50 |", "|" + "---|" * 11]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for r in sorted((r for r in rows if r["batch"] == batch), key=lambda r: best_row(r, "latency_ms_p50")):
-        level = r.get("level")
-        lines.append(f"| {r['config']} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
-                     f"{r.get('nodes_to_exclude') or '-'} | {'-' if level in (None, '') else level} | "
-                     f"{best_row(r, 'latency_ms_p50'):.3f} | {fmt(p99(r))} | "
-                     f"{best_row(r, 'throughput_ips'):,.0f} | {r['map50_95']:.4f} | "
-                     f"{r.get('exact_map50_95', float('nan')):.4f} | {r['map50']:.4f} |")
+def all_configurations(table: Table, level: int, profile: str, batch: int) -> str:
+    lines = ["| configuration | calibration | images | kept in float | p50 ms | p99 ms | img/s | mAP50-95 | half A | "
+             "half B | exact-subset mAP50-95 |", "|" + "---|" * 11]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    at = table.at(level, profile, batch)
+    for c in sorted(at, key=lambda c: best(at[c], "latency_ms_p50")):
+        r = at[c]
+        lines.append(f"| {c} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
+                     f"{r.get('nodes_to_exclude') or '-'} | {best(r, 'latency_ms_p50'):.3f} | "
+                     f"{'-' if p99(r) is None else format(p99(r), '.3f')} | {best(r, 'throughput_ips'):,.0f} | "
+                     f"{r['map50_95']:.4f} | {fmt(r.get('map50_95_a'))} | {fmt(r.get('map50_95_b'))} | "
+                     f"{fmt(r.get('exact_map50_95'))} |")
     return "\n".join(lines)
 
 
-def point_record(model, name, key, root=REPO) -> dict:
-    return json.loads((root / "results" / model / "points" / f"{name}.{key}.json").read_text())
+def recorded_command(layout: Layout, rec: dict) -> str:
+    """The build command the record's log begins with, as a trtexec user would type it."""
+    log = layout.resolve(rec["build"]["log"])
+    first = log.read_text().splitlines()[0].removeprefix("# ") if log.is_file() else ""
+    for fallback in (" -m tools.trtexec_py", "tools/trtexec_py.py"):
+        if fallback in first:
+            first = "trtexec" + first.split(fallback, 1)[1]
+    return first
 
 
-def describe(rows, choice) -> str:
-    """Speed-up over FP16 and mAP drop of `choice`, from rows measured in the same sweep run."""
-    lines, other_level = [], None
-    for batch in sorted({r["batch"] for r in rows}):
-        at = by_config(rows, batch)
-        if choice not in at:
-            continue
-        c = at[choice]
-        f, same_level = fp16_baseline(at, c)
-        if f is None:
-            continue
-        other_level = None if same_level else (f.get("level"), c.get("level"))
-        lat = best_row(f, "latency_ms_p50") / best_row(c, "latency_ms_p50")
-        thr = best_row(c, "throughput_ips") / best_row(f, "throughput_ips")
-        lines.append(f"| {batch} | {best_row(c, 'latency_ms_p50'):.3f} | {best_row(f, 'latency_ms_p50'):.3f}"
-                     f" | {lat:.2f}x | {best_row(c, 'throughput_ips'):,.0f} | {thr:.2f}x |")
-    text = ("| batch | latency p50 ms | FP16 p50 ms | latency speed-up | img/s | throughput speed-up |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(lines))
-    if other_level:
-        text += (f"\n\nFP16 was built at builder level {other_level[0]} and `{choice}` at level {other_level[1]}; no FP16 "
-                 f"engine at level {other_level[1]} is in this sweep, so part of this speed-up is the builder level, "
-                 f"not INT8.")
-    return text
-
-
-def guide(rec: dict) -> str:
-    r = rec["recipe"]
-    q = rec.get("quantization") or {}
-    plan = rec["plan"]
-    lines = [f"- Recipe: `{rec['name']}` ({rec['precision']}), key `{rec['key']}`; settings as YAML in "
-             f"`results/{rec['model']}/chosen.yaml`.",
-             f"- Measured with TensorRT {rec['trt_version']} on {rec['gpu']}"
-             + (f", ModelOpt {q['modelopt_version']}" if q else "") + ".",
-             f"- Builder flags: `{' '.join(plan['flags'])} --builderOptimizationLevel={r['builder_optimization_level']}"
-             f" --minShapes=images:{r['min_batch']}x3x{r['imgsz']}x{r['imgsz']}"
-             f" --optShapes=images:{r['opt_batch']}x3x{r['imgsz']}x{r['imgsz']}"
-             f" --maxShapes=images:{r['max_batch']}x3x{r['imgsz']}x{r['imgsz']}`"]
+def deploy_section(layout: Layout, rec: dict) -> list[str]:
+    model, r, q = layout.model, rec["recipe"], rec.get("quantization") or {}
+    lines = [f"- Recipe `{rec['name']}` ({rec['precision']}), measured with TensorRT {rec['trt_version']} on "
+             f"{rec['gpu']}, builder level {rec['level']}, profile `{rec['profile']['name']}`"
+             + (f", ModelOpt {q['modelopt_version']}" if q else "") + f"; as YAML in `chosen.yaml`.",
+             f"- Build command (from the record's log): `{recorded_command(layout, rec)}`"]
     if q:
         lines.append(f"- Quantization: ModelOpt `{q['command']}` after calibrating with "
                      f"`--calibration_method {r['calibration_method']}` on {r['calib_images']} images "
-                     f"(seed {r['calib_seed']}); {q['nodes']['quantized_nodes']} nodes INT8, "
-                     f"{q['nodes']['QuantizeLinear']} Q/DQ pairs.")
-    return "\n".join(lines)
-
-
-def selection_section(rows: list[dict], choice: dict) -> list[str]:
-    small, large, chosen = choice["small_batch"], choice["large_batch"], choice["latency"]
-    at_small = by_config(rows, small)
-
-    def accuracy(config: str) -> str:
-        m = at_small[config]["map50_95"]
-        return f"mAP50-95 {m:.4f} ({(m - choice['fp16_map50_95']) * 100:+.2f} points vs FP16"
-
-    md = []
-    if chosen:
-        md += [f"**Chosen (latency): `{chosen}`**, {accuracy(chosen)}).", "",
-               describe(rows, chosen), "",
-               f"**Throughput-optimal at batch {large}: `{choice['throughput']}`**.", ""]
-        if choice["throughput"] and choice["throughput"] != chosen:
-            md += [describe(rows, choice["throughput"]), ""]
-    else:
-        md += [f"**Chosen: `fp16`**: no INT8-mixed configuration is within {choice['budget']} mAP points of FP16, so "
-               f"FP16 stays the choice at this budget (`make report BUDGET=...` applies another).", ""]
-    if choice.get("closest") and choice["closest"] != chosen:
-        md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, {accuracy(choice['closest'])}; "
-               f"the budget it needs):", "",
-               describe(rows, choice["closest"]), ""]
-    md += ["Against the Ultralytics 8.4 recipes:", ""]
-    for ref in ULTRALYTICS:
-        if ref in at_small:
-            md += [f"`{ref}`, {accuracy(ref)}):", "",
-                   describe(rows, ref), ""]
-    return md
-
-
-def deploy_section(model: str, rec: dict) -> list[str]:
-    return ["## Reproduce and deploy", "", guide(rec), "",
+                     f"(seed {r['calib_seed']}); {q['nodes']['quantized_nodes']} nodes INT8.")
+    return ["## Reproduce and deploy", "", *lines, "",
             "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
-            "pip install -r requirements.txt            # CPU half: ModelOpt, ultralytics, ONNX Runtime",
-            f"cp results/{model}/chosen.yaml recipes/{model}/chosen.yaml",
+            f"cp {layout.out.relative_to(layout.root) if layout.out.is_relative_to(layout.root) else layout.out}"
+            f"/chosen.yaml recipes/{model}/chosen.yaml",
             *([f"make quantize RECIPE=recipes/{model}/chosen.yaml CALIB_DIR=path/to/calib/images"]
               if rec["precision"] == "int8-qdq" else []),
             f"make bench accuracy RECIPE=recipes/{model}/chosen.yaml EVAL_DIR=path/to/coco/val",
             "```", "",
-            "- Another GPU: engines and timing caches are tied to the GPU and TensorRT version; keep the quantized "
-            "ONNX (it is portable) and rerun `make engine bench` there. The record key includes the GPU name, so "
-            "nothing is reused by mistake.",
-            "- TensorRT 10: the same flags work (`--fp16 --int8` with the Q/DQ model); ModelOpt may keep "
-            "`high_precision_dtype: fp16` (8.6 needs fp32). Recheck the attention exclusion: 10.x has INT8 kernels "
-            "for the C2PSA `pe` conv, so a recipe without it may be faster there.",
-            "- TensorRT 11: strongly typed only. `make quantize TRT_VERSION=11` bakes FP16 into the Q/DQ model "
-            "(high_precision_dtype fp16) and the engine is built with `--stronglyTyped`; layer-precision flags and "
-            "implicit INT8 (`int8-implicit`) no longer exist (tools/trt_plan.py).", ""]
+            "- Another GPU or TensorRT: engines are tied to both; keep the quantized ONNX (it is portable) and rerun "
+            "`make engine bench` there. Record keys include the GPU name and TensorRT version, so nothing is reused "
+            "by mistake.",
+            "- TensorRT 10: the same flags work (`--fp16 --int8` with the Q/DQ model).",
+            "- TensorRT 11: strongly typed only. `make quantize TRT_VERSION=11` bakes FP16 into the Q/DQ model and the "
+            "engine is built with `--stronglyTyped`; layer-precision flags and implicit INT8 (`int8-implicit`) no "
+            "longer exist (tools/trt_plan.py).", ""]
 
 
 def cost(sweep: dict) -> str:
-    """What the sweep cost: its wall time (summed over resumed runs), the GPU stages summed over the points (more than
-    the wall time where accuracy overlapped the next build), and the run's note."""
-    runs = sweep.get("run_seconds") or ([sweep["seconds"]] if sweep.get("seconds") else [])
+    """What the sweep cost: wall time (summed over resumed runs) against the stage time summed over the points,
+    whose ratio is what running points side by side on the GPUs bought."""
+    runs = sweep.get("run_seconds") or []
     text = (f"sweep wall time {sum(runs)} s" + (f" over {len(runs)} resumed runs ({', '.join(map(str, runs))} s)"
                                                 if len(runs) > 1 else "")) if runs else "sweep time not recorded"
+    if sweep.get("gpus"):
+        text += f" on {len(sweep['gpus'])} GPU(s), {sweep.get('jobs_per_gpu', 1)} build(s) per GPU at a time"
     spent = sweep.get("stage_seconds") or {}
     if spent.get("total"):
         parts = ", ".join(f"{k} {v:.0f} s" for k, v in spent.items() if k != "total")
-        text += f"; stages {spent['total']:.0f} s summed over the points ({parts}"
-        text += ", accuracy overlapping the next build)" if sweep.get("overlap") else ")"
+        text += f"; stages {spent['total']:.0f} s summed over the engines ({parts})"
     return text + (f"; {sweep['note']}" if sweep.get("note") else "")
 
 
-def write_report(model: str, budget: float, root: Path = REPO) -> Path:
-    out = root / "results" / model
-    sweep_path = out / "sweep.json"
+def write_report(layout: Layout, budget: float) -> Path:
+    sweep_path = layout.out / "sweep.json"
     if not sweep_path.is_file():
-        raise UserError(f"{sweep_path}: no sweep results; run `make sweep` first")
-    sweep = json.loads(sweep_path.read_text())
-    rows = sweep["rows"]
-    choice = select(rows, budget)
-    small, large = choice["small_batch"], choice["large_batch"]
-    pareto_plot(rows, small, "latency_ms_p50", out / "pareto_latency_b1.png",
-                f"{model}: latency at batch {small} vs mAP50-95", f"GPU latency p50 at batch {small} (ms)")
-    pareto_plot(rows, large, "throughput_ips", out / "pareto_throughput_b32.png",
-                f"{model}: throughput at batch {large} vs mAP50-95", f"images/s at batch {large}")
-    first = rows[0]
-    chosen = choice["latency"]
+        raise UserError(f"{sweep_path}: no sweep results; run `make sweep` first (RESULTS= names where it wrote)")
+    sweep = read_json(sweep_path, "sweep table")
+    table = Table(sweep["rows"], sweep.get("final_level"))
+    choice = select(table, budget)
+    out, model, level = layout.out, layout.model, table.final
+    pareto_plot(table, table.latency(), "latency_ms_p50", out / "pareto_latency.png",
+                f"{model}: latency (profile {table.latency_profile}, batch {table.small}, level {level}) vs mAP50-95",
+                f"GPU latency p50 at batch {table.small} (ms)", layout)
+    pareto_plot(table, table.throughput(), "throughput_ips", out / "pareto_throughput.png",
+                f"{model}: throughput (profile {table.throughput_profile}, batch {table.large}, level {level}) vs "
+                f"mAP50-95", f"images/s at batch {table.large}", layout)
+    first = sweep["rows"][0]
     md = [f"# {model}: INT8/FP16 configuration search", "",
-          f"GPU: {first['gpu']}; TensorRT {first['tensorrt']}; {sweep['points']} configurations ({sweep['design']} "
-          f"grid `{sweep['grid']}`); {cost(sweep)}. mAP on the COCO val2017 evaluation set named "
-          f"in each record; calibration on disjoint images. Timings are trtexec GPU compute medians (CUDA graph or not, "
-          f"whichever is faster) measured in this one run.", "",
-          *([f"**Partial sweep: {sweep['points']} of {sweep['points_planned']} planned configurations were measured**"
-             f" (the run stopped before the rest); the selection below covers only these.", ""]
-            if not sweep.get("complete", True) else []),
+          f"GPU: {first['gpu']}; TensorRT {first['tensorrt']}; {sweep['points']} engines ({sweep['design']} grid "
+          f"`{sweep['grid']}`); {cost(sweep)}. Timings are GPU compute medians (CUDA graph or not, whichever is faster)"
+          f" measured in this one run; each engine is timed at the batch its profile was built for. mAP on the COCO "
+          f"val2017 evaluation set named in each record; calibration on disjoint images.", "",
+          *([f"**Partial sweep** (failures or a stop before the end): the selection covers only what was measured.",
+             ""] if not sweep.get("complete", True) else []),
           "## Selection", "",
-          f"Rule: the fastest INT8-mixed configuration at batch {small} whose mAP50-95 is within {budget} mAP points of "
-          f"the FP16 engine ({choice['fp16_map50_95']:.4f}); also the configuration with the highest throughput at "
-          f"batch {large} under the same budget.", ""]
-    md += selection_section(rows, choice)
-    deployed = chosen or "fp16"
-    rec = point_record(model, deployed, by_config(rows, small)[deployed]["key"], root)
+          f"Rule: among the INT8-mixed configurations built at builder level {level}, the fastest at profile "
+          f"`{table.latency_profile}` (batch {table.small}) whose mAP50-95 is within {budget} mAP points of the FP16 "
+          f"engine of the same level and profile "
+          + ("on half A of the evaluation images (half B confirms it)" if choice["halves"] else
+             "(these records have no evaluation halves: the rule reads all images)")
+          + f"; also the highest throughput at profile `{table.throughput_profile}` (batch {table.large}) under the "
+            f"same budget.", ""]
+    md += selection_section(table, choice)
+    deployed = choice["latency"] or "fp16"
+    rec = read_json(next(layout.points.glob(f"*.{table.latency()[deployed]['key']}.json")))
     from tools.recipe import dump, from_dict
 
-    with atomic_path(out / "chosen.yaml") as tmp:
-        tmp.write_text(f"# chosen by `make report` (rule above); copy to recipes/{model}/ to rebuild\n"
-                       + dump(from_dict(rec["recipe"])))
-    md += deploy_section(model, rec)
-    md += ["## Plots", "", "![latency](pareto_latency_b1.png) ![throughput](pareto_throughput_b32.png)", "",
-           f"## All configurations, batch {small}", "", table(rows, small), "",
-           f"## All configurations, batch {large}", "", table(rows, large), ""]
+    layout.write_text(out / "chosen.yaml", f"# chosen by `make report` (rule in REPORT.md); copy to recipes/{model}/ "
+                                           f"to rebuild\n" + dump(from_dict(rec["recipe"])))
+    md += deploy_section(layout, rec)
+    md += screening_section(table, sweep.get("screen_level"))
+    md += ["## Plots", "", "![latency](pareto_latency.png) ![throughput](pareto_throughput.png)", ""]
+    for lvl in reversed(table.levels):
+        for profile, batch in ((table.latency_profile, table.small), (table.throughput_profile, table.large)):
+            md += [f"## All configurations: level {lvl}, profile `{profile}`, batch {batch}", "",
+                   all_configurations(table, lvl, profile, batch), ""]
     if sweep.get("failures"):
         md += ["## Failed points", ""] + [f"- `{k}`: {v}" for k, v in sweep["failures"].items()] + [""]
-    write_text(out / "REPORT.md", "\n".join(md))
-    write_text(out / "selection.json", json.dumps(choice, indent=2) + "\n")
+    layout.write_text(out / "REPORT.md", "\n".join(md))
+    layout.write_json(out / "selection.json", choice)
     return out / "REPORT.md"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolo11n")
     ap.add_argument("--budget", type=float, default=0.5, help="mAP50-95 points below FP16 that INT8 may lose")
+    ap.add_argument("--results", default=str(REPO / "runs"), help="results root the sweep wrote (default: runs/)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a committed report")
     args = ap.parse_args(argv)
-    print(f"wrote {write_report(args.model, args.budget)}")
+    if args.budget < 0:
+        raise UserError(f"--budget {args.budget}: give mAP points >= 0, e.g. 0.5")
+    layout = Layout(args.model, REPO, Path(args.results).resolve(), args.overwrite)
+    print(f"wrote {write_report(layout, args.budget)}")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,20 @@
-"""The results table of `make all`: results/<model>/summary.{json,csv,md} from the finished point records.
+"""The results table of `make all`: <results>/<model>/summary.{json,csv,md} from what this run's records hold.
 
-summary.json is a contract other tools read: keys gpu, tensorrt, eval_images, calib_images, onnx_fp32_map50_95
-and engines (one object per engine and batch: name, batch, latency_ms_p50, latency_ms_p99, throughput_ips,
-map50_95, map50, engine_mb, build_s; CUDA-graph timings and the exact-annotation subset ride along).
+Only results measured on the evaluation set at hand count (records carry its content key), so a table never mixes
+in numbers from other images or annotations. Without TensorRT a run has no engine records: the summary then shows
+the ONNX Runtime scores it measured, and says where the published GPU table is and what measured it.
+summary.json keys: model, eval (images, key), onnxrt ({kind: scores}), gpu, tensorrt, engines (one object per engine
+and batch: name, profile, level, batch, latency_ms_p50, latency_ms_p99, throughput_ips, map50_95, map50, engine_mb,
+build_s; CUDA-graph timings and the exact-annotation subset ride along), speed_only (random-weight model).
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from tools.common import REPO, UserError, run_main, write_json, write_text
-from tools.pipeline import has_all_stages
+from tools.common import REPO, run_main
+from tools.records import Layout, eval_set, newest, read_json, read_records
 from tools.trtlog import to_csv
-
-MAIN_ENGINES = ("fp16", "int8-qdq", "int8-implicit", "int8-ultralytics")
-
-
-def load_records(model: str, root: Path = REPO, names=None) -> list[dict]:
-    """Finished records (engine, bench and accuracy present), the newest per name."""
-    newest = {}
-    for path in sorted((root / "results" / model / "points").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        rec = json.loads(path.read_text())
-        if has_all_stages(rec) and (names is None or rec["name"] in names):
-            newest[rec["name"]] = rec
-    return list(newest.values())
-
-
-def onnxrt_results(model: str, images: int, root: Path = REPO) -> dict[str, dict]:
-    """ONNX Runtime results on an evaluation set of `images` images, the newest per kind."""
-    out = {}
-    for path in sorted((root / "results" / model / "onnxrt").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        res = json.loads(path.read_text())
-        if res["images"] == images:
-            out[res["kind"]] = res
-    return out
 
 
 def bench_row(rec: dict, batch: int, graph: bool) -> dict | None:
@@ -42,83 +22,146 @@ def bench_row(rec: dict, batch: int, graph: bool) -> dict | None:
 
 
 def engine_rows(rec: dict) -> list[dict]:
+    """One row per timed batch of an engine record; a sweep may time CUDA graphs only (`cuda_graph` says which run
+    the main timing columns are)."""
     rows = []
     for batch in sorted({b["batch"] for b in rec["bench"]}):
         plain, graph = bench_row(rec, batch, False), bench_row(rec, batch, True)
-        base = plain or graph  # a sweep may time CUDA graphs only: `cuda_graph` says which run these columns are
-        row = {"name": rec["name"], "batch": batch, "gpu": rec["gpu"], "tensorrt": rec["trt_version"],
-               "cuda_graph": plain is None, "latency_ms_p50": base["latency_ms_p50"],
-               "latency_ms_p99": base["latency_ms_p99"], "throughput_ips": base["throughput_ips"],
-               "map50_95": rec["accuracy"]["map50_95"], "map50": rec["accuracy"]["map50"],
+        base = plain or graph
+        acc = rec["accuracy"]
+        row = {"name": rec["name"], "profile": rec["profile"]["name"], "level": rec["level"], "batch": batch,
+               "gpu": rec["gpu"], "tensorrt": rec["trt_version"], "cuda_graph": plain is None,
+               "latency_ms_p50": base["latency_ms_p50"], "latency_ms_p99": base["latency_ms_p99"],
+               "throughput_ips": base["throughput_ips"], "map50_95": acc["map50_95"], "map50": acc["map50"],
                "engine_mb": rec["build"]["engine_mb"], "build_s": rec["build"]["build_s"]}
         if plain and graph:
-            row.update(latency_ms_p50_cuda_graph=graph["latency_ms_p50"], latency_ms_p99_cuda_graph=graph["latency_ms_p99"],
-                       throughput_ips_cuda_graph=graph["throughput_ips"])
-        if "exact" in rec["accuracy"]:
-            row.update(exact_map50_95=rec["accuracy"]["exact"]["map50_95"], exact_map50=rec["accuracy"]["exact"]["map50"])
+            row.update(latency_ms_p50_cuda_graph=graph["latency_ms_p50"],
+                       latency_ms_p99_cuda_graph=graph["latency_ms_p99"], throughput_ips_cuda_graph=graph["throughput_ips"])
+        if "exact" in acc:
+            row.update(exact_map50_95=acc["exact"]["map50_95"], exact_map50=acc["exact"]["map50"])
+        for half, scores in acc.get("halves", {}).items():
+            row[f"map50_95_{half}"] = scores["map50_95"]
         row.update(gpu_mem_mib=base.get("gpu_mem_mib"), polygraphy_passed=rec.get("compare", {}).get("passed"),
                    polygraphy_min_atol=rec.get("compare", {}).get("min_required_atol"))
         rows.append(row)
     return rows
 
 
-def markdown(summary: dict) -> str:
-    head = (f"YOLO11n on {summary['gpu']}, TensorRT {summary['tensorrt']}; mAP on {summary['eval_images']} COCO "
-            f"val2017 images ({summary.get('exact_images', 0)} with exact annotations in brackets); "
-            f"calibration on {summary['calib_images']} other images. ONNX Runtime FP32 mAP50-95 "
-            f"{summary['onnx_fp32_map50_95']:.4f}. Latency is trtexec's GPU compute median/p99 without "
-            f"transfers; CUDA-graph columns replay the same engine as a CUDA graph (a sweep times only those, so its "
-            f"records leave the plain columns empty).\n\n")
-    cols = ["engine", "batch", "p50 ms", "p99 ms", "img/s", "p50 ms (graph)", "p99 ms (graph)", "img/s (graph)",
-            "mAP50-95", "mAP50", "engine MB", "build s"]
+def engine_records(layout: Layout, names, eval_key: str) -> list[dict]:
+    """Finished engine records of these recipes on this evaluation set: the newest per (recipe, profile, level)."""
+    from tools.pipeline import has_all_stages
+
+    groups = {}
+    for rec in read_records(layout.points):
+        if has_all_stages(rec) and rec["name"] in names and rec.get("eval", {}).get("key") == eval_key:
+            groups.setdefault((rec["name"], rec["profile"]["name"], rec["level"]), []).append(rec)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted((newest(g) for g in groups.values()),
+                  key=lambda r: (order[r["name"]], r["level"], r["profile"]["min"]))
+
+
+def onnxrt_results(layout: Layout, eval_key: str) -> dict[str, dict]:
+    """ONNX Runtime results on this evaluation set, the newest per kind (fp32 or the recipe's Q/DQ model)."""
+    groups = {}
+    for res in read_records(layout.onnxrt):
+        if res.get("eval", {}).get("key") == eval_key:
+            groups.setdefault(res["kind"], []).append(res)
+    return {kind: newest(g) for kind, g in groups.items()}
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def engine_table(engines: list[dict]) -> list[str]:
+    cols = ["engine", "profile", "level", "batch", "p50 ms", "p99 ms", "img/s", "p50 ms (graph)", "p99 ms (graph)",
+            "img/s (graph)", "mAP50-95", "mAP50", "engine MB", "build s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in summary["engines"]:
+    for r in engines:
         exact = f" ({r['exact_map50_95']:.4f})" if r.get("exact_map50_95") is not None else ""
         plain = {k: None if r.get("cuda_graph") else r[k] for k in ("latency_ms_p50", "latency_ms_p99", "throughput_ips")}
         graph = {k: r.get(f"{k}_cuda_graph", r[k] if r.get("cuda_graph") else None)
                  for k in ("latency_ms_p50", "latency_ms_p99", "throughput_ips")}
-        lines.append(f"| {r['name']} | {r['batch']} | {fmt(plain['latency_ms_p50'], '.3f')} | "
-                     f"{fmt(plain['latency_ms_p99'], '.3f')} | {fmt(plain['throughput_ips'], ',.0f')} | "
-                     f"{fmt(graph['latency_ms_p50'], '.3f')} | {fmt(graph['latency_ms_p99'], '.3f')} | "
-                     f"{fmt(graph['throughput_ips'], ',.0f')} | "
+        lines.append(f"| {r['name']} | {r['profile']} | {r['level']} | {r['batch']} | "
+                     f"{fmt(plain['latency_ms_p50'], '.3f')} | {fmt(plain['latency_ms_p99'], '.3f')} | "
+                     f"{fmt(plain['throughput_ips'], ',.0f')} | {fmt(graph['latency_ms_p50'], '.3f')} | "
+                     f"{fmt(graph['latency_ms_p99'], '.3f')} | {fmt(graph['throughput_ips'], ',.0f')} | "
                      f"{r['map50_95']:.4f}{exact} | {r['map50']:.4f} | {r['engine_mb']:.1f} | {fmt(r['build_s'], '.0f')} |")
-    return head + "\n".join(lines) + "\n"
+    return lines
 
 
-def summarize(model: str, calib_images: int | None = None, root: Path = REPO) -> dict:
-    records = load_records(model, root, MAIN_ENGINES)
-    if not records:
-        raise UserError(f"results/{model}/points: no finished engine records; run `make all` (or `make gpu`) first")
-    records.sort(key=lambda r: MAIN_ENGINES.index(r["name"]))
-    first = records[0]
-    onnxrt = onnxrt_results(model, first["accuracy"]["images"], root)
-    fp32 = onnxrt.get("fp32")
-    return {"model": model, "gpu": first["gpu"], "tensorrt": first["trt_version"],
-            "eval_images": first["accuracy"]["images"], "exact_images": first["accuracy"].get("exact", {}).get("images", 0),
-            "calib_images": calib_images if calib_images is not None else
-            max((r["recipe"]["calib_images"] for r in records if r["precision"] != "fp16"), default=0),
-            "onnx_fp32_map50_95": fp32["map50_95"] if fp32 else None,
-            "onnx_fp32_map50": fp32["map50"] if fp32 else None,
-            "onnxrt": {k: {m: v[m] for m in ("map50_95", "map50", "images")} | {"exact_map50_95": v.get("exact", {}).get("map50_95")}
-                       for k, v in onnxrt.items()},
-            "engines": [row for rec in records for row in engine_rows(rec)]}
+def markdown(summary: dict) -> str:
+    model, ev = summary["model"], summary["eval"]
+    out = [f"# {model}: results of this run", "",
+           f"Evaluation set: {ev['images']} images in `{ev['dir']}` (content key `{ev['key']}`)."]
+    if summary.get("speed_only"):
+        out += ["", f"**Speed only**: {model} has random weights (built from its ultralytics YAML); its mAP means "
+                    "nothing and is not shown as a result."]
+    if summary["onnxrt"]:
+        out += ["", "ONNX Runtime (CPU or CUDA execution provider), the models the engines are built from:", "",
+                "| model | mAP50-95 | mAP50 | exact-subset mAP50-95 |", "|---|---|---|---|"]
+        out += [f"| {kind} | {r['map50_95']:.4f} | {r['map50']:.4f} | {fmt(r.get('exact_map50_95'), '.4f')} |"
+                for kind, r in summary["onnxrt"].items()]
+    if summary["engines"]:
+        out += ["", f"TensorRT {summary['tensorrt']} on {summary['gpu']}: latency is GPU compute median/p99 without "
+                    "transfers; `profile` names the engine (static batch 1 or 32, ...), `level` its builder "
+                    "optimization level; CUDA-graph columns replay the same engine as a CUDA graph.", ""]
+        out += engine_table(summary["engines"])
+    else:
+        out += ["", "No engine was built or timed in this run (TensorRT is not installed here, or the GPU stages did "
+                    "not run)."]
+        if summary.get("published"):
+            p = summary["published"]
+            out += [f"The published GPU results are in `{p['path']}`: measured on {p['gpu']} with TensorRT "
+                    f"{p['tensorrt']} ({p['images']} evaluation images); they are not results of this run."]
+    return "\n".join(out) + "\n"
+
+
+def published(model: str, root: Path = REPO) -> dict | None:
+    """Where the committed GPU table lives and what measured it (for a run that measured none itself)."""
+    path = root / "results" / model / "summary.json"
+    if not path.is_file():
+        return None
+    s = read_json(path, "summary")
+    return {"path": str(path.relative_to(root)), "gpu": s.get("gpu"), "tensorrt": s.get("tensorrt"),
+            "images": s.get("eval", {}).get("images", s.get("eval_images"))}
+
+
+def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None = None,
+              speed_only: bool = False) -> dict:
+    ev = eval_set(eval_dir, eval_limit)
+    records = engine_records(layout, names, ev["key"])
+    first = records[0] if records else {}
+    onnxrt = onnxrt_results(layout, ev["key"])
+    return {"model": layout.model, "eval": {"dir": str(eval_dir), "images": ev["count"], "key": ev["key"]},
+            "speed_only": speed_only,
+            "onnxrt": {k: {m: v[m] for m in ("map50_95", "map50", "images")} |
+                       {"exact_map50_95": v.get("exact", {}).get("map50_95")} for k, v in onnxrt.items()},
+            "gpu": first.get("gpu"), "tensorrt": first.get("trt_version"),
+            "engines": [row for rec in records for row in engine_rows(rec)],
+            "published": None if records else published(layout.model, layout.root)}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__)
-    ap.add_argument("--model", default="yolo11n")
-    ap.add_argument("--eval-dir", help="(recorded for the reader)")
-    ap.add_argument("--calib-dir", help="(recorded for the reader)")
-    ap.add_argument("--eval-limit", type=int)
+    from tools.yolo_graph import is_random_weights
+    from tools.pipeline import positive
+    from tools.recipe import load
+
+    ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
+    ap.add_argument("--eval-dir", required=True, help="the evaluation set the run scored")
+    ap.add_argument("--eval-limit", type=positive(int))
+    ap.add_argument("--results", default=str(REPO / "runs"), help="the run's results root (default: runs/)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a committed summary")
     args = ap.parse_args(argv)
-    s = summarize(args.model)
-    if s["onnx_fp32_map50_95"] is None:
-        s["onnx_fp32_map50_95"] = float("nan")
-    out = REPO / "results" / args.model
-    write_json(out / "summary.json", s)
-    write_text(out / "summary.csv", to_csv(s["engines"]))
-    write_text(out / "summary.md", markdown(s))
+    recipes = [load(p) for p in args.recipes]
+    layout = Layout(recipes[0].model, REPO, Path(args.results).resolve(), args.overwrite)
+    s = summarize(layout, [r.name for r in recipes], args.eval_dir, args.eval_limit,
+                  is_random_weights(recipes[0].onnx_path))
+    layout.write_json(layout.out / "summary.json", s)
+    layout.write_text(layout.out / "summary.csv", to_csv(s["engines"]))
+    layout.write_text(layout.out / "summary.md", markdown(s))
     print(markdown(s))
 
 

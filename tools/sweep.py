@@ -1,150 +1,200 @@
-"""Sweep: expand a grid into recipes and run each end to end (quantize -> engine -> bench -> accuracy).
+"""Sweep: expand a grid into recipes and run every point end to end, in parallel over the machine's GPUs.
 
-Every point is keyed by a hash of its inputs and settings (see tools.pipeline), so a sweep killed half-way and
-started again redoes no finished work. Writes results/<model>/sweep.{json,csv}: one row per configuration and
-batch size. Points whose settings coincide (the base and a reference, say) run once. A point's accuracy runs while
-the next engine builds (`--serial`: strictly one stage after another); timings always run alone.
+A point is one recipe and one deployment profile (one engine); its GPU stages run as a chain of jobs, each a
+`python -m tools.pipeline STAGE RECIPE --profiles P ...` process pinned to one GPU (CUDA_VISIBLE_DEVICES), scheduled
+by tools.scheduler: timings alone on their GPU, builds and accuracy side by side (JOBS_PER_GPU at a time).
+With `screen: {builder_optimization_level: L}` in the grid, every point and reference is first measured at the
+cheaper level L; the Pareto front and the references are then measured again at their recipes' own level, in the
+same run, and the report states how well the screening level ranked them.
+Every point is keyed by its inputs (tools.records), so a sweep killed half-way and started again redoes no finished
+work; points can also be sharded over machines (`--shard 1/2`, `--shard 2/2`) and their records folders merged
+(`--table-only` rebuilds the table from whatever records are there).
+Writes <results>/<model>/sweep.{json,csv}: one row per configuration, level, profile and batch.
 Usage: python -m tools.sweep recipes/grids/yolo11n.yaml [--stages cpu|gpu|all] [pipeline flags]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
+import contextlib
 import itertools
-import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from tools.common import REPO, UserError, run_main, write_json, write_text
-from tools.pipeline import (CPU_STAGES, STAGES, add_setup_args, has_all_stages, have_tensorrt, parse_stages,
-                            run_recipe, setup_from_args)
-from tools.recipe import Recipe, digest, load
+from tools.common import REPO, UserError, run_main
+from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
+                            parse_stages, run_recipe, setup_from_args, setup_to_args)
+from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
+from tools.records import Layout, newest, read_json, read_records
+from tools.scheduler import Job, run_chains
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
 
-BENCH_KEYS = ("cuda_graphs", "duration_s", "warmup_ms", "compare_images")  # Setup fields a grid may override
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-"}
+EXCLUSIVE = {"bench", "layers"}  # stages that measure the GPU: nothing else may run on it meanwhile
 
 
-@dataclasses.dataclass(frozen=True)
+class Bench(BaseModel):
+    """Timing protocol for every point of a sweep, references included."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cuda_graphs: tuple[StrictBool, ...] = (True,)
+    duration_s: Annotated[float, Field(gt=0)] = 1.5
+    warmup_ms: Annotated[StrictInt, Field(gt=0)] = 200
+    compare_images: Annotated[StrictInt, Field(ge=0)] = 0
+
+
+class Screen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    builder_optimization_level: Annotated[StrictInt, Field(ge=0, le=5)]
+    front_max: Annotated[StrictInt, Field(ge=1)] = 6  # configurations re-measured at the final level, at most
+
+
+class GridFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str | None = None
+    base: str
+    design: Literal["one-at-a-time", "product"] = "one-at-a-time"
+    references: tuple[str, ...] = ()
+    bench: Bench = Bench()
+    screen: Screen | None = None
+    profiles: dict[str, dict] | None = None  # every point's deployment profiles (default: each recipe's own)
+    axes: dict[str, list | dict] = {}
+
+
+GRID_HINTS = {"base": "a recipe path, e.g. recipes/yolo11n/int8-qdq.yaml", "references": "a YAML list of recipe paths",
+              "axes": "a mapping of recipe key -> list of values or {label: value}",
+              "design": "one-at-a-time or product", "screen": "{builder_optimization_level: 1}"}
+
+
+@dataclass(frozen=True)
 class Grid:
+    path: str
     model: str
     base: Recipe
     design: str
     references: tuple[Recipe, ...]
     axes: dict  # key -> {label: value}
-    bench: dict
+    bench: Bench
+    screen: Screen | None
 
 
-def axis_values(key: str, values, root: Path) -> dict:
+def axis_values(key: str, values, root: Path, source: str) -> dict:
     """An axis as {label: value}; lists get labels from their values, mappings name their values."""
     if isinstance(values, list):
         return {f"{SHORT.get(key, key + '=')}{v}": v for v in values}
-    if not isinstance(values, dict):
-        raise UserError(f"grid axis {key!r}: give a list of values or a mapping of label: value")
     out = {}
     for label, v in values.items():
-        if isinstance(v, dict) and "from" in v:
-            v = proposal(root / v["from"])
+        if isinstance(v, dict):
+            if set(v) != {"from"}:
+                raise UserError(f"{source}: axis {key!r} value {label!r}: give a value or {{from: proposal.json}}")
+            v = proposal(root / v["from"], source)
             if v is None:
                 continue
         out[f"{SHORT.get(key, key + '=')}{label}"] = v
     return out
 
 
-def proposal(path: Path):
+def proposal(path: Path, source: str):
     """The exclusion set `make sensitivity` proposed, or None (with a note) when it has not run."""
     if not path.is_file():
         print(f"note: {path} does not exist yet (run `make sensitivity`); its axis value is left out")
         return None
-    return json.loads(path.read_text())["proposal"]["nodes_to_exclude"]
+    found = read_json(path, "sensitivity result").get("proposal", {}).get("nodes_to_exclude")
+    if not isinstance(found, list):
+        raise UserError(f"{path}: has no proposal.nodes_to_exclude list (named in {source}); rerun `make sensitivity`")
+    return found
 
 
 def load_grid(path, root: Path = REPO) -> Grid:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such grid; see recipes/grids/ for examples")
-    g = yaml.safe_load(path.read_text()) or {}
-    unknown = set(g) - {"model", "base", "design", "references", "axes", "bench"}
-    if unknown:
-        raise UserError(f"{path}: unknown grid key(s) {sorted(unknown)}; valid: model, base, design, references, axes, bench")
-    if g.get("design", "one-at-a-time") not in ("one-at-a-time", "product"):
-        raise UserError(f"{path}: design must be one-at-a-time or product")
-    bench = dict(g.get("bench") or {})
-    if set(bench) - set(BENCH_KEYS):
-        raise UserError(f"{path}: unknown bench key(s) {sorted(set(bench) - set(BENCH_KEYS))}; valid: {', '.join(BENCH_KEYS)}")
-    if "cuda_graphs" in bench:
-        bench["cuda_graphs"] = tuple(bench["cuda_graphs"])
-    base = load(root / g["base"])
-    axes = {}
-    for key, values in (g.get("axes") or {}).items():
-        if key not in {f.name for f in dataclasses.fields(Recipe)}:
-            raise UserError(f"{path}: axis {key!r} is not a recipe key")
-        axes[key] = axis_values(key, values, root)
-    return Grid(g.get("model", base.model), base, g.get("design", "one-at-a-time"),
-                tuple(load(root / r) for r in g.get("references", [])), axes, bench)
+    data = read_yaml(path, "grid; see recipes/grids/ for examples")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a grid is a YAML mapping (model, base, references, axes, ...)")
+    try:
+        g = GridFile.model_validate(data)
+    except ValidationError as e:
+        raise UserError(validation_message(str(path), e, GRID_HINTS, tuple(GridFile.model_fields))) from None
+    for key in g.axes:
+        if key not in FIELDS:
+            raise UserError(f"{path}: axis {key!r} is not a recipe key; recipe keys are {', '.join(FIELDS)}")
+    base = load(root / g.base)
+    if g.profiles is not None:
+        base = base.replace(profiles=g.profiles)
+    refs = tuple(load(root / r) for r in g.references)
+    if g.profiles is not None:
+        refs = tuple(r.replace(profiles=g.profiles) for r in refs)
+    axes = {key: axis_values(key, values, root, str(path)) for key, values in g.axes.items()}
+    return Grid(str(path), g.model or base.model, base, g.design, refs, axes, g.bench, g.screen)
 
 
 def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
     """The axis label of `value`; a value off the axis (a reference's own setting) is named after `owner`, the
     recipe it comes from, or else by a digest."""
     for label, v in axis.items():
-        if v == value or (isinstance(v, list) and tuple(v) == value):
+        if v == value or (isinstance(v, list) and tuple(v) == tuple(value if isinstance(value, (list, tuple)) else
+                                                                     (value,))):
             return label
     return f"{SHORT.get(key, key + '=')}{f'as-{owner}' if owner else digest(value)[:6]}"
 
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
     parts = [label_of(k, getattr(recipe, k), grid.axes[k]) for k in grid.axes]
-    return "qdq-" + "-".join(parts) if recipe.precision == "int8-qdq" else recipe.precision + "-" + "-".join(parts)
+    return ("qdq-" if recipe.precision == "int8-qdq" else recipe.precision + "-") + "-".join(parts)
 
 
-def expand(grid: Grid) -> list[Recipe]:
-    """References first, then the grid's points; points with identical settings collapse to the first."""
+def expand(grid: Grid, setup: Setup | None = None) -> list[Recipe]:
+    """References first, then the grid's points, each as the run will execute it (setup.adapt: a capped image count
+    renames the point); points with identical settings collapse to the first."""
+    adapt = setup.adapt if setup else (lambda r: r)
     combos = []
     if grid.design == "product":
         keys = list(grid.axes)
-        for values in itertools.product(*(grid.axes[k].values() for k in keys)):
-            combos.append(dict(zip(keys, values)))
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(grid.axes[k].values() for k in keys))]
     else:
         combos.append({})
         for key, axis in grid.axes.items():
             for value in axis.values():
-                normal = tuple(value) if isinstance(value, list) else value
-                if normal != getattr(grid.base, key):
+                if (tuple(value) if isinstance(value, list) else value) != getattr(grid.base, key):
                     combos.append({key: value})
-    points, seen = [], {}
+    points, seen = [], set()
     for ref in grid.references:
-        seen.setdefault(digest(ref.settings()), ref.name)
+        ref = adapt(ref)
+        seen.add(digest(ref.settings()))
         points.append(ref)
     for changes in combos:
-        r = grid.base.replace(**changes)
+        r = adapt(grid.base.replace(**changes))
         r = r.replace(name=point_name(grid, r), description=f"sweep point of {grid.base.name}: {changes or 'base'}")
-        if digest(r.settings()) in seen:
-            continue
-        seen[digest(r.settings())] = r.name
-        points.append(r)
+        if digest(r.settings()) not in seen:
+            seen.add(digest(r.settings()))
+            points.append(r)
     return points
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Result table
 def sweep_rows(records: list[dict], grid: Grid) -> list[dict]:
     rows = []
     for rec in records:
         recipe = rec["recipe"]
+        qdq = rec["precision"] == "int8-qdq"
         meta = {"config": rec["name"], "precision": rec["precision"], "key": rec["key"],
-                **{k: (label_of(k, tuple(recipe[k]) if isinstance(recipe[k], list) else recipe[k], grid.axes[k],
-                                owner=rec["name"]) if rec["precision"] == "int8-qdq" else "") for k in grid.axes},
-                "level": recipe["builder_optimization_level"], "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
+                **{k: label_of(k, recipe[k], grid.axes[k], owner=rec["name"]) if qdq else "" for k in grid.axes},
+                "level": rec["level"], "profile": rec["profile"]["name"],
+                "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
         rows += [{**meta, **row} for row in engine_rows(rec)]
     return rows
 
 
 def stage_seconds(records: list[dict]) -> dict:
-    """GPU-stage seconds summed over the points, as each record logged them: the sweep's cost across resumed runs
-    (`seconds` is only this invocation's wall time)."""
+    """Stage seconds summed over the points, as each record logged them: the sweep's GPU work across resumed runs
+    and GPUs (compare with the wall time for the speed-up of running points in parallel)."""
     total = {}
     for rec in records:
         for stage, s in rec.get("stage_seconds", {}).items():
@@ -152,83 +202,11 @@ def stage_seconds(records: list[dict]) -> dict:
     return {**total, "total": round(sum(total.values()), 1)}
 
 
-def run_sweep(grid: Grid, setup, stages=STAGES, runner=run_recipe, only=None,
-              publish=lambda records, failures, planned, complete: None,
-              stop_after: float | None = None, overlap: bool = True) -> tuple[list[dict], dict]:
-    """Run every point (or those whose name contains one of `only`; references always run, as the yardstick), all
-    under the grid's timing protocol, so every ratio in the table compares like with like.
-    `stop_after` (seconds): start no new point after that long, so a bounded job ends between points and the next
-    run resumes from the cache instead of losing a half-built engine to a kill.
-    `overlap`: a point's accuracy runs in a second thread while the next point's engine builds. Both are CPU work
-    (TensorRT compiles kernels on the host; mAP is decoding, NMS and COCOeval around a fraction of a second of
-    inference), and mAP does not depend on timing. Timings never overlap anything: a point's bench starts only
-    once the previous point's accuracy has finished."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    refs = {r.name for r in grid.references}
-    points = [p for p in expand(grid) if not only or p.name in refs or any(o in p.name for o in only)]
-    records, failures = [], {}
-    bench = dataclasses.replace(setup, **grid.bench)
-    before_bench = tuple(s for s in stages if s not in ("bench", "accuracy"))
-    timed = tuple(s for s in stages if s == "bench")
-    last = tuple(s for s in stages if s == "accuracy")
-    pending = []  # (name, future) of the accuracy still running, at most one
-    t0 = time.monotonic()
-
-    def fail(name: str, error: UserError) -> None:
-        failures[name] = str(error)
-        bar.write(f"  {name}: FAILED: {error}")
-
-    def finish(name: str, result) -> None:
-        """Book a point's outcome (`result` returns its record or raises): the record once complete, or the error."""
-        try:
-            rec = result()
-        except UserError as e:
-            fail(name, e)
-            return
-        if has_all_stages(rec):
-            records.append(rec)
-            publish(records, failures, len(points), False)
-
-    def settle() -> None:
-        while pending:
-            name, future = pending.pop()
-            finish(name, future.result)
-
-    with ThreadPoolExecutor(1) as background, tqdm(points, desc="sweep", unit="point") as bar:
-        for i, recipe in enumerate(bar):
-            if stop_after is not None and i and time.monotonic() - t0 > stop_after:  # one point always runs
-                bar.write(f"stopped after {time.monotonic() - t0:.0f} s (--stop-after {stop_after:g}): "
-                          f"{len(points) - i} point(s) left; run the same command again to resume")
-                break
-            bar.set_postfix_str(recipe.name)
-            run = functools.partial(runner, recipe, bench, log=bar.write)
-            try:
-                rec = run(before_bench) if before_bench else None
-                settle()  # the GPU is quiet from here on: nothing else runs while this point is timed
-                rec = run(timed) if timed else rec
-            except UserError as e:
-                fail(recipe.name, e)
-                continue
-            if last and overlap:
-                pending.append((recipe.name, background.submit(run, last)))
-            else:
-                finish(recipe.name, functools.partial(run, last) if last else lambda: rec)
-        settle()
-    publish(records, failures, len(points), not failures and len(records) == len(points))
-    return records, failures
-
-
-def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
-    """Wall seconds of the runs behind the existing table of this grid, and whether they finished it."""
-    if not table.is_file():
-        return [], False
-    old = json.loads(table.read_text())
-    if old.get("grid") != grid_path:
-        return [], False
-    return list(old.get("run_seconds", [old["seconds"]] if "seconds" in old else [])), bool(old.get("complete"))
+def write_table(layout: Layout, grid: Grid, records: list[dict], fields: dict) -> None:
+    rows = sweep_rows(records, grid)
+    layout.write_json(layout.out / "sweep.json", {**fields, "points": len(records),
+                                                  "stage_seconds": stage_seconds(records), "rows": rows})
+    layout.write_text(layout.out / "sweep.csv", to_csv(rows))
 
 
 def run_seconds(earlier: list[int], finished: bool, this_run: int, measured: bool) -> list[int]:
@@ -239,83 +217,281 @@ def run_seconds(earlier: list[int], finished: bool, this_run: int, measured: boo
     return [this_run] if measured else earlier
 
 
-def write_table(out: Path, grid: Grid, records: list[dict], fields: dict) -> None:
-    """results/<model>/sweep.json (`fields`, the point count, GPU-stage seconds and the rows) and sweep.csv."""
-    rows = sweep_rows(records, grid)
-    write_json(out / "sweep.json", {**fields, "points": len(records), "stage_seconds": stage_seconds(records),
-                                    "rows": rows})
-    write_text(out / "sweep.csv", to_csv(rows))
+def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
+    """Wall seconds of the runs behind the existing table of this grid, and whether they finished it."""
+    if not table.is_file():
+        return [], False
+    old = read_json(table, "sweep table")
+    if old.get("grid") != grid_path:
+        return [], False
+    return list(old.get("run_seconds", [])), bool(old.get("complete"))
 
 
-def rebuild_table(grid: Grid, out: Path) -> None:
-    """Rewrite the sweep table from the records on disk (after a change to the table's columns, say); the run's own
-    fields (wall time, notes) are kept. Takes each point's newest complete record."""
-    planned = expand(grid)
-    records = []
-    for recipe in planned:
-        found = [json.loads(p.read_text()) for p in sorted((out / "points").glob(f"{recipe.name}.*.json"))]
-        found = [r for r in found if has_all_stages(r)]
-        if found:
-            records.append(max(found, key=lambda r: r.get("measured_utc", {}).get("accuracy", "")))
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+def screened(recipe: Recipe, screen: Screen | None) -> Recipe:
+    return recipe if screen is None else recipe.replace(builder_optimization_level=screen.builder_optimization_level)
+
+
+def front(rows: list[dict], limit: int) -> list[str]:
+    """Configurations on the Pareto front of mAP against speed in any profile (latency at its smallest batch,
+    throughput at its largest), fastest first, at most `limit` besides FP16."""
+    chosen = []
+    for profile in sorted({r["profile"] for r in rows}):
+        at = [r for r in rows if r["profile"] == profile]
+        for batch, faster in ((min(r["batch"] for r in at), "latency"), (max(r["batch"] for r in at), "throughput")):
+            pts = {r["config"]: r for r in at if r["batch"] == batch}
+            speed = {c: r["latency_ms_p50"] if faster == "latency" else -r["throughput_ips"] for c, r in pts.items()}
+            for c in sorted(pts, key=speed.get):
+                if not any(speed[o] <= speed[c] and pts[o]["map50_95"] >= pts[c]["map50_95"] and
+                           (speed[o], -pts[o]["map50_95"]) != (speed[c], -pts[c]["map50_95"]) for o in pts):
+                    if c not in chosen:
+                        chosen.append(c)
+    non_fp16 = [c for c in chosen if not c.startswith("fp16")]
+    return non_fp16[:limit]
+
+
+def job_command(recipe_file: Path, stage: str, profile: str, setup: Setup) -> list[str]:
+    return [sys.executable, "-m", "tools.pipeline", stage, str(recipe_file), "--profiles", profile,
+            *setup_to_args(setup)]
+
+
+class Runner:
+    """Runs points' GPU stages as pipeline processes on the GPUs (or in this process where there is no GPU list, as
+    the tests' fake runners do), and keeps the table current after every job."""
+
+    def __init__(self, grid: Grid, setup: Setup, gpus: list[str], jobs_per_gpu: int, publish):
+        self.grid, self.setup, self.gpus, self.jobs_per_gpu, self.publish = grid, setup, gpus, jobs_per_gpu, publish
+        self.layout = setup.layout(grid.model)
+        self.servers = {}  # GPU -> socket of its trtexec_py build server
+
+    @contextlib.contextmanager
+    def build_servers(self):
+        """With the fallback trtexec, one build server per GPU keeps TensorRT's timing cache in memory across that
+        GPU's builds (tools.trtexec_py.serve); NVIDIA's trtexec reuses --timingCacheFile instead."""
+        from tools.trtexec_py import stop_server
+
+        if not any("trtexec_py" in part for part in self.setup.trtexec):
+            yield
+            return
+        procs = []
+        with tempfile.TemporaryDirectory(prefix="trt-build-") as tmp:
+            try:
+                for gpu in self.gpus:
+                    sock = os.path.join(tmp, f"gpu{gpu}.sock")
+                    log = self.layout.logs / "sweep" / f"build-server-gpu{gpu}.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    procs.append((sock, subprocess.Popen([*self.setup.trtexec, "--serve", sock], cwd=REPO,
+                                                         stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                                         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})))
+                    self.servers[gpu] = sock
+                for sock, proc in procs:  # builds sent before a server listens would run beside it instead
+                    deadline = time.monotonic() + 120
+                    while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                yield
+            finally:
+                self.servers = {}
+                for sock, proc in procs:
+                    try:
+                        stop_server(sock)
+                        proc.wait(timeout=30)
+                    except (OSError, subprocess.TimeoutExpired):
+                        proc.kill()
+
+    def recipe_file(self, recipe: Recipe) -> Path:
+        """Sweep points are recipes too: written out, so every job (and a user rerunning it) reads a recipe file."""
+        path = self.layout.out / "sweep" / "recipes" / f"{recipe.name}.L{recipe.builder_optimization_level}.yaml"
+        text = f"# generated by tools.sweep from {self.grid.path}\n" + dump(recipe)
+        if not path.is_file() or path.read_text() != text:
+            self.layout.write_text(path, text)
+        return path
+
+    def launch(self, job: Job, gpu: str, recipe: Recipe, profile: str) -> None:
+        cmd = job_command(self.recipe_file(recipe), job.stage, profile, self.setup)
+        log = self.layout.logs / "sweep" / f"{job.chain}.{job.stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1"}
+        if gpu in self.servers:
+            env["TRTEXEC_PY_SERVER"] = self.servers[gpu]
+        with open(log, "w") as out:
+            out.write(f"# CUDA_VISIBLE_DEVICES={gpu} {' '.join(cmd)}\n")
+            out.flush()
+            rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+        if rc != 0:
+            tail = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+            raise UserError(tail[-1].removeprefix("error: ") if tail else f"{job.stage} failed (exit {rc}); see {log}")
+
+    def record_of(self, job: Job) -> dict | None:
+        """The record the job's pipeline process wrote (it prints `record: PATH`; the key is its business)."""
+        log = self.layout.logs / "sweep" / f"{job.chain}.{job.stage}.log"
+        paths = [line.split("record: ", 1)[1] for line in log.read_text().splitlines() if line.startswith("record: ")]
+        return read_json(paths[-1]) if paths else None
+
+    def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log) -> tuple[list[dict], dict]:
+        """Run `stages` of every (recipe, profile); returns the complete records and {point: error}."""
+        chains, by_chain = [], {}
+        for recipe, profile in points:
+            name = f"{recipe.name}.L{recipe.builder_optimization_level}.{profile}"
+            by_chain[name] = (recipe, profile)
+            kind = "int8" if recipe.calibrated else "fp16"
+            affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
+            chains.append([Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "") for s in stages])
+        records = {}
+
+        def done(job: Job, gpu: str, error) -> None:
+            if error is not None:
+                log(f"  {job.chain}: {job.stage} FAILED on GPU {gpu}: {error}")
+                return
+            log(f"  {job.chain}: {job.stage} done on GPU {gpu}")
+            if job.stage == stages[-1]:
+                rec = self.record_of(job)
+                if has_all_stages(rec):
+                    records[job.chain] = rec
+                    self.publish(list(records.values()))
+
+        with self.build_servers():
+            failures = run_chains(chains, self.gpus, lambda job, gpu: self.launch(job, gpu, *by_chain[job.chain]),
+                                  self.jobs_per_gpu, done, stop_after)
+        return list(records.values()), failures
+
+
+def grid_setup(grid: Grid, setup: Setup) -> Setup:
+    """The run's setup under the grid's timing protocol: every point of a sweep is timed alike."""
+    b = grid.bench
+    return replace(setup, cuda_graphs=b.cuda_graphs, duration_s=b.duration_s, warmup_ms=b.warmup_ms,
+                   compare_images=b.compare_images)
+
+
+def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=None, log=print):
+    """CPU stages for every point here (quantization needs ModelOpt), then the GPU stages through `runner`: every
+    point at the screening level if the grid has one, then the references, FP16 and the front at their own level.
+    `only`: parts of point names to run (references always run, as the yardstick)."""
+    refs = {r.name for r in grid.references}
+    points = [p for p in expand(grid, setup) if not only or p.name in refs or any(o in p.name for o in only)]
+    cpu = tuple(s for s in stages if not STAGES[s].gpu)
+    gpu = tuple(s for s in stages if STAGES[s].gpu)
+    failures = {}
+    for recipe in points:
+        try:
+            run_recipe(screened(recipe, grid.screen), setup, cpu, log=log)
+        except UserError as e:
+            failures[recipe.name] = str(e)
+            log(f"  {recipe.name}: FAILED: {e}")
+    if not gpu:
+        return [], failures
+    points = [p for p in points if p.name not in failures]
+    pairs = lambda recipes: [(r, p) for r in recipes for p in setup.engine_profiles(r)]  # noqa: E731
+    records, failed = runner(pairs([screened(r, grid.screen) for r in points]), gpu, stop_after)
+    failures.update(failed)
+    if grid.screen is None or failed:
+        return records, failures
+    best = front(sweep_rows(records, grid), grid.screen.front_max)
+    again = [r for r in points if r.name in refs or r.name in best or r.precision == "fp16"]
+    final, failed = runner(pairs(again), gpu, stop_after)
+    failures.update(failed)
+    return records + final, failures
+
+
+def visible_gpus() -> list[str]:
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return out or ["0"]
+
+
+def rebuild_table(grid: Grid, layout: Layout, setup: Setup) -> None:
+    """Rewrite the sweep table from the records on disk (after merging shards, say); the run's own fields are
+    kept. Takes each point's newest complete record per level and profile."""
+    found = [r for r in read_records(layout.points) if has_all_stages(r)]
+    names = {r.name for r in expand(grid, setup)}
+    groups = {}
+    for rec in found:
+        if rec["name"] in names:
+            groups.setdefault((rec["name"], rec["level"], rec["profile"]["name"]), []).append(rec)
+    records = [newest(g) for g in groups.values()]
     if not records:
-        raise UserError(f"{out / 'points'}: no complete record of any point of this grid; run the sweep first")
-    old = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
-    write_table(out, grid, records, {**old, "points_planned": len(planned), "complete": len(records) == len(planned)})
-    print(f"rebuilt {out / 'sweep.csv'} from {len(records)} records")
+        raise UserError(f"{layout.points}: no complete record of any point of this grid; run the sweep first")
+    old = read_json(layout.out / "sweep.json", "sweep table") if (layout.out / "sweep.json").is_file() else {}
+    write_table(layout, grid, records, {**old, "points_planned": len(names)})
+    print(f"rebuilt {layout.out / 'sweep.csv'} from {len(records)} records")
+
+
+def shard(points: list, spec: str | None) -> list:
+    if not spec:
+        return points
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+        assert 1 <= i <= n
+    except (ValueError, AssertionError):
+        raise UserError(f"--shard {spec!r}: write i/n with 1 <= i <= n, e.g. --shard 1/2") from None
+    return points[i - 1::n]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid")
     ap.add_argument("--stages", default="calib,quantize,engine,bench,accuracy",
                     help="comma-separated stages (default: all but onnxrt), or cpu / gpu")
     ap.add_argument("--list", action="store_true", help="print the expanded points and exit")
     ap.add_argument("--only", help="comma-separated parts of point names to run (references always run)")
-    ap.add_argument("--references", help="comma-separated reference names to keep (default: all)")
     ap.add_argument("--table-only", action="store_true",
                     help="rebuild sweep.json/csv from the points' records (newest per point), running nothing")
     ap.add_argument("--stop-after", type=float, metavar="SECONDS",
                     help="start no new point after this many seconds; the next run resumes (for time-limited jobs)")
-    ap.add_argument("--serial", action="store_true",
-                    help="run each point's stages strictly one after another (default: a point's accuracy runs "
-                         "while the next engine builds)")
+    ap.add_argument("--gpus", help="comma-separated GPU indices to use (default: every visible GPU)")
+    ap.add_argument("--jobs-per-gpu", type=int, default=1,
+                    help="builds/accuracy runs side by side on one GPU (timings always run alone)")
+    ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine")
     add_setup_args(ap)
     args = ap.parse_args(argv)
+    setup = setup_from_args(args)
     grid = load_grid(args.grid)
-    if args.references:
-        keep = args.references.split(",")
-        grid = dataclasses.replace(grid, references=tuple(r for r in grid.references if r.name in keep))
+    layout = setup.layout(grid.model)
     if args.list:
-        for r in expand(grid):
-            print(f"{r.name:40s} {digest(r.settings())}")
+        for r in expand(grid, setup):
+            print(f"{r.name:40s} {digest(r.settings())}  profiles {', '.join(setup.engine_profiles(r))}")
         return
-    out = REPO / "results" / grid.model
     if args.table_only:
-        rebuild_table(grid, out)
+        rebuild_table(grid, layout, setup)
         return
     stages = parse_stages(args.stages)
-    if set(stages) - set(CPU_STAGES) and not have_tensorrt():
+    if any(STAGES[s].gpu for s in stages) and not have_tensorrt():
         print("TensorRT is not installed here: running the CPU stages only (quantize every point)")
-        stages = tuple(s for s in stages if s in CPU_STAGES)
+        stages = tuple(s for s in stages if not STAGES[s].gpu)
     t0 = time.perf_counter()
-    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    earlier, finished = earlier_runs(out / "sweep.json", str(args.grid))
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    earlier, finished = earlier_runs(layout.out / "sweep.json", args.grid)
+    gpus = args.gpus.split(",") if args.gpus else visible_gpus()
+    lock = threading.Lock()
 
-    def publish(records, failures, planned, complete):
+    def publish(records, complete=False, failures=None):
         """Rewrite the sweep table after every point, so an interrupted sweep still leaves what it measured."""
         if not records:
             return
-        measured = any(t >= started_utc for r in records for t in r.get("measured_utc", {}).values())
-        runs = run_seconds(earlier, finished, round(time.perf_counter() - t0), measured)
-        write_table(out, grid, records, {"grid": str(args.grid), "design": grid.design, "points_planned": planned,
-                                         "complete": complete, "failures": failures, "overlap": not args.serial,
-                                         "run_seconds": runs, "seconds": sum(runs)})
+        with lock:
+            measured = any(t >= started for r in records for t in r.get("measured_utc", {}).values())
+            runs = run_seconds(earlier, finished, round(time.perf_counter() - t0), measured)
+            write_table(layout, grid, records, {
+                "grid": args.grid, "design": grid.design, "complete": complete, "failures": failures or {},
+                "gpus": gpus, "jobs_per_gpu": args.jobs_per_gpu,
+                "screen_level": grid.screen.builder_optimization_level if grid.screen else None,
+                "final_level": grid.base.builder_optimization_level,
+                "run_seconds": runs, "seconds": sum(runs)})
 
-    records, failures = run_sweep(grid, setup_from_args(args), stages,
-                                  only=args.only.split(",") if args.only else None, publish=publish,
-                                  stop_after=args.stop_after, overlap=not args.serial)
+    runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish)
+    records, failures = run_sweep(grid, grid_setup(grid, setup), stages,
+                                  lambda pairs, gpu_stages, stop: runner.run(shard(pairs, args.shard), gpu_stages,
+                                                                              stop, print),
+                                  args.stop_after, args.only.split(",") if args.only else None)
+    publish(records, complete=not failures, failures=failures)
     if records:
-        print(f"wrote {out / 'sweep.csv'}: {len(records)} configurations")
+        print(f"wrote {layout.out / 'sweep.csv'}: {len(records)} engines")
     for name, err in failures.items():
         print(f"failed: {name}: {err}")
     return 1 if failures else 0
