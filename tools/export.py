@@ -49,7 +49,7 @@ def check_target(name: str, out: Path, random: bool) -> None:
             trained = False
         if trained:
             raise UserError(f"{out}: holds trained weights that a random-weight export would replace; pass another "
-                            f"--onnx")
+                            f"--onnx (ONNX=... with make)")
 
 
 def load_model(pt, seed: int):
