@@ -20,19 +20,24 @@ from pathlib import Path
 
 import numpy as np
 
+from tools import yolo_graph
 from tools.calib import select_images
-from tools.common import REPO, list_images, postprocess, preprocess, run_main, to_input, write_json, write_text
+from tools.common import REPO, UserError, list_images, postprocess, preprocess, run_main, to_input, write_json, \
+    write_text
 from tools.recipe import load
 
 
 def block_groups(node_names) -> dict[str, str]:
-    """{label: node-name regex}: one group per top-level block, the last (Detect) block split by branch."""
-    blocks = sorted({int(m.group(1)) for n in node_names if (m := re.match(r"/model\.(\d+)/", n))})
-    head = blocks[-1]
-    groups = {f"model.{k}": rf"^/model\.{k}/" for k in blocks[:-1]}
-    groups.update({f"head-box (model.{head}.cv2)": rf"^/model\.{head}/cv2\.",
-                   f"head-cls (model.{head}.cv3)": rf"^/model\.{head}/cv3\.",
-                   f"head-dfl (model.{head}.dfl)": rf"^/model\.{head}/dfl/"})
+    """{label: node-name regex}: one group per top-level block, the Detect block (the one with the DFL) split into
+    its box, class and DFL branches."""
+    head = yolo_graph.head_block(node_names)
+    if head is None:
+        raise UserError("the quantized model has no YOLO11 Detect head (no single /model.K/dfl/ block); quantize a "
+                        "YOLO11 detection model")
+    groups = {f"model.{k}": rf"^/model\.{k}/" for k in yolo_graph.blocks(node_names) if k != head}
+    for branch, regex in yolo_graph.head_branches(head).items():
+        module = yolo_graph.HEAD_BRANCHES[branch][:-1]
+        groups[f"head-{branch} (model.{head}.{module})"] = regex
     return groups
 
 
@@ -58,6 +63,7 @@ class Proxy:
     """Scores models by agreement with the FP32 model's detections on a fixed set of images."""
 
     def __init__(self, fp32_onnx, files, imgsz=640, ref_conf=0.25):
+        self.classes = yolo_graph.describe(yolo_graph.load(fp32_onnx), fp32_onnx).classes
         self.batch = to_input(np.stack([preprocess(p, imgsz)[0] for p in files]))
         ref = self.detect(fp32_onnx)
         self.gt = self._coco_gt([d[d[:, 4] >= ref_conf] for d in ref])
@@ -72,8 +78,7 @@ class Proxy:
         out = np.concatenate([session.run(None, {name: self.batch[i:i + 8]})[0] for i in range(0, len(self.batch), 8)])
         return [postprocess(p) for p in out]
 
-    @staticmethod
-    def _coco_gt(dets):
+    def _coco_gt(self, dets):
         from faster_coco_eval import COCO
 
         anns = [{"id": 1 + j + 1000 * i, "image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
@@ -82,7 +87,7 @@ class Proxy:
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO()
             gt.dataset = {"images": [{"id": i} for i in range(len(dets))], "annotations": anns,
-                          "categories": [{"id": c} for c in range(80)]}
+                          "categories": [{"id": c} for c in range(self.classes)]}
             gt.createIndex()
         return gt
 
@@ -104,6 +109,9 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     from tools.quantize import quantize
 
     recipe = load(recipe_path)
+    if yolo_graph.is_random_weights(recipe.onnx_path):
+        raise UserError(f"{recipe.onnx_path}: random weights (exported from a model .yaml) detect nothing, so there is "
+                        f"no agreement to measure; export the trained model (make export PT=...)")
     qdq_path = quantize(recipe, trt, calib_dir, eval_dir)
     files = select_images(list_images(calib_dir), images, seed=1)
     proxy = Proxy(recipe.onnx_path, files, recipe.imgsz)
