@@ -1,53 +1,89 @@
-"""The committed GPU results honour the summary contract; the Makefile's help, knobs and recipe check work."""
+"""The summary shows what this run measured on this evaluation set (and says where the published GPU table is when it
+measured none); the Makefile lists and honours every knob."""
 import json
+import re
 import subprocess
+import sys
 
-from conftest import REPO
+import pytest
+from conftest import MINI, REPO
 
+from tools.records import Layout, eval_set
 from tools.summary import engine_rows, markdown, summarize
 
-CONTRACT = {"name", "batch", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "map50_95", "map50", "engine_mb",
-            "build_s"}
+CONTRACT = {"name", "profile", "level", "batch", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "map50_95",
+            "map50", "engine_mb", "build_s"}
 
 
-def test_summary_contract_from_committed_records():
-    s = summarize("yolo11n")
-    assert {"gpu", "tensorrt", "eval_images", "calib_images", "onnx_fp32_map50_95", "engines"} <= set(s)
-    assert s["eval_images"] == 900 and s["calib_images"] == 400
-    assert {(e["name"], e["batch"]) for e in s["engines"]} == \
-        {(n, b) for n in ("fp16", "int8-qdq", "int8-implicit", "int8-ultralytics") for b in (1, 8, 32)}
-    for e in s["engines"]:
-        assert CONTRACT <= set(e) and e["latency_ms_p50"] <= e["latency_ms_p99"] and e["throughput_ips"] > 0
-    committed = json.loads((REPO / "results/yolo11n/summary.json").read_text())
-    assert committed["engines"] == json.loads(json.dumps(s["engines"]))
-    assert "| int8-ultralytics | 32 |" in markdown(s)
+def record(name, profile, batch, eval_key, graph=True):
+    timing = {"batch": batch, "cuda_graph": graph, "latency_ms_p50": 0.8, "latency_ms_p99": 0.9,
+              "throughput_ips": 1250.0}
+    return {"name": name, "key": f"{name}{profile}{eval_key}", "gpu": "G", "trt_version": "8.6.1", "level": 3,
+            "profile": {"name": profile, "min": batch, "opt": batch, "max": batch}, "bench": [timing],
+            "accuracy": {"map50_95": 0.37, "map50": 0.53, "halves": {"a": {"map50_95": 0.36}, "b": {"map50_95": 0.38}}},
+            "build": {"engine_mb": 12.0, "build_s": 70.0}, "eval": {"key": eval_key}, "updated_utc": "2026-11-27"}
+
+
+def test_summary_holds_only_this_evaluation_sets_records(tmp_path):
+    layout = Layout("yolo11n", REPO, tmp_path)
+    key = eval_set(MINI)["key"]
+    for rec in (record("fp16", "b1", 1, key), record("fp16", "b32", 32, key), record("int8-qdq", "b1", 1, "other")):
+        layout.write_json(layout.points / f"{rec['name']}.{rec['profile']['name']}.{rec['key']}.json", rec)
+    layout.write_json(layout.onnxrt / "fp32.k.json", {"kind": "fp32", "map50_95": 0.41, "map50": 0.56, "images": 32,
+                                                      "eval": {"key": key}})
+    s = summarize(layout, ["fp16", "int8-qdq"], MINI)
+    assert [(e["name"], e["profile"]) for e in s["engines"]] == [("fp16", "b1"), ("fp16", "b32")]
+    assert all(CONTRACT <= set(e) for e in s["engines"]) and s["onnxrt"]["fp32"]["map50_95"] == 0.41
+    assert s["engines"][0]["map50_95_a"] == 0.36 and s["published"] is None
+    text = markdown(s)
+    assert "| fp16 | b32 | 3 | 32 | - | - | - | 0.800 | 0.900 | 1,250 |" in text
+
+
+def test_a_run_without_engines_says_so_and_points_to_the_published_table(tmp_path):
+    layout = Layout("yolo11n", REPO, tmp_path)
+    s = summarize(layout, ["fp16"], MINI)
+    assert not s["engines"] and s["published"]["path"] == "results/yolo11n/summary.json"
+    text = markdown(s)
+    assert "No engine was built or timed in this run" in text and "they are not results of this run" in text
 
 
 def test_graph_only_timings_fill_the_graph_columns():
-    """A sweep record holds CUDA-graph runs only: the summary must not present them as plain runs."""
-    timing = {"latency_ms_p50": 0.8, "latency_ms_p99": 0.9, "throughput_ips": 1250.0}
-    rec = {"name": "fp16", "gpu": "G", "trt_version": "8.6.1", "bench": [{"batch": 1, "cuda_graph": True, **timing}],
-           "accuracy": {"map50_95": 0.37, "map50": 0.53}, "build": {"engine_mb": 12.0, "build_s": 70.0}}
-    rows = engine_rows(rec)
+    rows = engine_rows(record("fp16", "b1", 1, "k"))
     assert rows[0]["cuda_graph"] is True and rows[0]["latency_ms_p50"] == 0.8
-    line = markdown({"gpu": "G", "tensorrt": "8.6.1", "eval_images": 1, "calib_images": 1, "onnx_fp32_map50_95": 0.37,
-                     "engines": rows}).splitlines()[-1]
-    assert line.startswith("| fp16 | 1 | - | - | - | 0.800 | 0.900 | 1,250 |")
-    rec["bench"].append({"batch": 1, "cuda_graph": False, **timing, "latency_ms_p50": 1.0})
-    both = markdown({"gpu": "G", "tensorrt": "8.6.1", "eval_images": 1, "calib_images": 1, "onnx_fp32_map50_95": 0.37,
-                     "engines": engine_rows(rec)}).splitlines()[-1]
-    assert both.startswith("| fp16 | 1 | 1.000 | 0.900 | 1,250 | 0.800 | 0.900 | 1,250 |")
 
 
 def make(*args):
-    return subprocess.run(["make", "-s", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(["make", "-s", f"PY={sys.executable}", *args], cwd=REPO, capture_output=True, text=True)
 
 
-def test_make_help_and_knobs():
-    assert "make sweep" in make("help").stdout
-    assert make("print-MODEL", "MODEL=yolo11s").stdout.strip() == "MODEL=yolo11s"
+def test_make_help_lists_every_knob():
+    knobs = re.search(r"^KNOBS = (.*?)(?<!\\)$", (REPO / "Makefile").read_text(), re.M | re.S).group(1)
+    help_text = make("help").stdout
+    for knob in knobs.replace("\\\n", " ").split():
+        assert f"  {knob} (" in help_text, knob
+    assert "make sweep" in help_text and "make profile" in help_text
+
+
+@pytest.mark.parametrize("knob,flag", [("ONNX=other.onnx", '--onnx "other.onnx"'), ("RESULTS=out", '--results "out"'),
+                                       ("OVERWRITE=1", "--overwrite"), ("PROFILES=b32", "--profiles b32"),
+                                       ("EVAL_LIMIT=8", "--eval-limit 8"), ("TRT_VERSION=11", "--trt 11"),
+                                       ("CALIB_DIR=elsewhere", "--calib-dir \"elsewhere\""),
+                                       ("CALIB_IMAGES=16", "--calib-images 16")])
+def test_every_knob_reaches_the_tools(knob, flag):
+    out = make("-n", "cpu", knob).stdout
+    assert flag in out, out
+
+
+def test_calibration_cap_only_for_the_shipped_images():
+    assert "--calib-images 32" in make("-n", "cpu").stdout
+    assert "--calib-images" not in make("-n", "cpu", "CALIB_DIR=../shared/assets/coco/calib").stdout
 
 
 def test_make_refuses_unknown_recipe():
     res = make("engine", "RECIPE=recipes/yolo11n/nope.yaml")
     assert res.returncode != 0 and "int8-qdq.yaml" in res.stderr
+
+
+def test_committed_summary_is_a_published_table():
+    s = json.loads((REPO / "results/yolo11n/summary.json").read_text())
+    assert s["engines"] and s["gpu"] and s["tensorrt"]

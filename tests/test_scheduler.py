@@ -21,8 +21,8 @@ def sweep(n_points, gpus, per_gpu, fail=(), stop_after=None, affinity=lambda i: 
         if (job.chain, job.stage) in fail:
             raise RuntimeError(f"{job.stage} broke")
 
-    chains = [[Job(f"p{i}", "engine", False, affinity(i)), Job(f"p{i}", "bench", True), Job(f"p{i}", "accuracy")]
-              for i in range(n_points)]
+    chains = [[Job(f"p{i}", "engine", False, affinity(i)), Job(f"p{i}", "bench", True),
+               Job(f"p{i}", "accuracy", light=True)] for i in range(n_points)]
     t0 = time.monotonic()
     failures = run_chains(chains, gpus, launch, per_gpu, stop_after=stop_after)
     return spans, failures, time.monotonic() - t0
@@ -39,9 +39,15 @@ def test_timings_run_alone_on_their_gpu_and_builds_share_up_to_the_limit():
     for span in spans:
         if span[3]:  # a timing: nothing else on its GPU meanwhile
             assert not overlapping(spans, span)
-        else:  # at most per_gpu jobs at once on a GPU
-            assert sum(1 for s in spans if s[2] == span[2] and s[4] <= span[4] < s[5]) <= 2
+        elif span[1] == "engine":  # at most per_gpu builds at once on a GPU; accuracy runs beside them
+            assert sum(1 for s in spans if s[2] == span[2] and s[1] == "engine" and s[4] <= span[4] < s[5]) <= 2
     assert {s[2] for s in spans} == {"0", "1", "2"}  # every GPU got work
+
+
+def test_accuracy_runs_beside_a_build_but_never_beside_a_timing():
+    spans, _, _ = sweep(8, ["0"], per_gpu=1)
+    assert any(s[1] == "accuracy" and any(o[1] == "engine" for o in overlapping(spans, s)) for s in spans)
+    assert all(not overlapping(spans, s) for s in spans if s[1] == "bench")
 
 
 def test_each_chain_runs_in_order():

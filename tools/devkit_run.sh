@@ -1,27 +1,32 @@
 #!/bin/bash
-# How the GPU half ran on our lent GPU machine, which has neither trtexec nor a TensorRT of its own:
+# How the GPU half runs on our lent GPU machines, which have neither trtexec nor a TensorRT of their own:
 # ../shared/devkit gives TensorRT 8.6 under `py311`, so PY=py311 and make falls back to tools/trtexec_py.py.
-# Inputs arrive in parts under /tmp (dparts: eval.tar.*, calib.tar.*; qparts: quantized models from `make cpu`
-# and the sweep's CPU stage, plus any extra wheels). Each call gets a fresh copy of the working tree, so records
-# are kept in /tmp between calls. Usage: bash tools/devkit_run.sh refs|sweep|tests [make/pytest args]; the default
-# sweep ran as three calls of `bash tools/devkit_run.sh sweep SWEEP_ARGS="--stages gpu --stop-after 420"`.
+# Inputs arrive in parts under /tmp/dparts: eval.tar.* (900 evaluation images), calib.tar.* (400 calibration images),
+# quant.tar.* (the quantized models `make sweep --stages cpu` made on the CPU) and wheels.tar.* (cp311 wheels the
+# kit was packed without). The repo is copied to /tmp/w once, so a background job survives the fresh working tree
+# each call brings, and results stay there between calls; every call packs them into $OUT.
+# Usage:  bash tools/devkit_run.sh start 'make sweep SWEEP_ARGS=--stages=gpu'   (in the background, setsid)
+#         bash tools/devkit_run.sh poll SECONDS    (wait, print progress, pack results into $OUT)
+#         bash tools/devkit_run.sh run 'make ...'  (in the foreground)
 set -uo pipefail
 source /tmp/kit/env.sh
-DATA=/tmp/data
-mkdir -p "$DATA" models/yolo11n/quant /tmp/pylib /tmp/keep
-[ -d "$DATA/val2017-eval" ] || cat /tmp/dparts/eval.tar.* | tar -x -C "$DATA"
-[ -d "$DATA/calib" ] || cat /tmp/dparts/calib.tar.* | tar -x -C "$DATA"
-cp -n /tmp/qparts/*.onnx /tmp/qparts/*.json models/yolo11n/quant/ 2>/dev/null
-for w in /tmp/qparts/*.whl; do [ -e "$w" ] && py311 -m zipfile -e "$w" /tmp/pylib; done  # extra wheels, if sent
-cp -r /tmp/keep/. . 2>/dev/null
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/pylib
-ARGS=(PY=py311 EVAL_DIR="$DATA/val2017-eval" CALIB_DIR="$DATA/calib")
-action=$1; shift
-case "$action" in
-  refs)  timeout "${LIMIT:-560}" make gpu "${ARGS[@]}" "$@" ;;
-  sweep) timeout "${LIMIT:-560}" make sweep "${ARGS[@]}" "$@" ;;
-  tests) timeout "${LIMIT:-300}" py311 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@" ;;
+W=/tmp/w D=/tmp/data
+if [ ! -d "$W" ]; then
+  mkdir -p "$W" "$D" /tmp/pylib && cp -r . "$W/"
+  cat /tmp/dparts/eval.tar.* | tar -x -C "$D"
+  cat /tmp/dparts/calib.tar.* | tar -x -C "$D"
+  cat /tmp/dparts/quant.tar.* | tar -x -C "$W"
+  cat /tmp/dparts/wheels.tar.* | tar -x -C /tmp/pylib && for w in /tmp/pylib/*.whl; do py311 -m zipfile -e "$w" /tmp/pylib; done
+fi
+cd "$W"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$W:/tmp/pylib
+export MAKEFLAGS="PY=py311 EVAL_DIR=$D/val2017-eval CALIB_DIR=$D/calib"
+pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache 2>/dev/null; }
+case "$1" in
+  start) setsid nohup bash -c "$2; echo \"exit \$? at \$(date +%T)\"" > "$W/job.log" 2>&1 < /dev/null &
+         sleep 20; tail -5 "$W/job.log" ;;
+  poll)  for _ in $(seq "$2"); do grep -q '^exit ' "$W/job.log" && break; sleep 1; done
+         tail -25 "$W/job.log"; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
+         echo; ls runs/*/points 2>/dev/null | wc -l; pack ;;
+  run)   bash -c "$2"; pack ;;
 esac
-echo "exit $? after $SECONDS s"
-cp -r --parents results logs /tmp/keep/ 2>/dev/null
-tar czf "$OUT/$action-$(date +%H%M%S).tgz" results logs calib/yolo11n/*.cache 2>/dev/null

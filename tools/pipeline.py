@@ -238,6 +238,13 @@ def quantize_run(point: Point) -> None:
     print(f"  {point.recipe.name}: quantized model {point.layout.rel(point.onnx)}")
 
 
+def quantize_done(point: Point) -> bool:
+    from tools.quantize import quantized_path
+
+    return quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root,
+                          point.calib_npy.stem).is_file()
+
+
 def onnxrt_path(point: Point, onnx: Path) -> Path:
     key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"]})
     kind = "fp32" if onnx == point.model_onnx else point.recipe.name
@@ -395,7 +402,7 @@ def _record_has(key: str) -> Callable[[Point], bool]:
 
 STAGE_TABLE = (
     Stage("calib", False, lambda r: r.calibrated, lambda p: p.calib_npy.is_file(), calib_run),
-    Stage("quantize", False, lambda r: r.quantized, lambda p: "onnx" in p.__dict__, quantize_run),
+    Stage("quantize", False, lambda r: r.quantized, quantize_done, quantize_run),
     Stage("onnxrt", False, lambda r: r.precision != "int8-implicit", onnxrt_done, onnxrt_run),
     Stage("engine", True, lambda r: True, lambda p: _record_has("build")(p) and p.engine_path.is_file(), engine_run,
           "build"),

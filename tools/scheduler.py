@@ -2,8 +2,8 @@
 
 A chain is one point's stages in order (engine -> bench -> accuracy). A job is `exclusive` when it measures the GPU
 (timings): it starts only on a GPU with nothing else running, and no job starts beside it. Other jobs (engine builds,
-which are host work: kernel compilation and a little tactic timing; accuracy, which is decoding and COCOeval around
-a fraction of a second of inference) share a GPU, up to `shared_per_gpu` at a time. A waiting exclusive job makes
+which are host work: kernel compilation and tactic timing) share a GPU, up to `shared_per_gpu` at a time; `light`
+jobs (accuracy: decoding and COCOeval around a fraction of a second of inference) run beside them without limit. A waiting exclusive job makes
 the least busy GPU drain (no new shared job starts there) so timings are never starved by a stream of builds.
 The launcher is given: in a sweep it runs `python -m tools.pipeline` with CUDA_VISIBLE_DEVICES set; tests pass fakes.
 """
@@ -20,7 +20,8 @@ class Job:
     chain: str  # the point it belongs to; a chain's jobs run in order
     stage: str
     exclusive: bool = False
-    affinity: str = ""  # jobs of equal affinity prefer the GPU that ran the last such job (its build cache is warm)
+    affinity: str = ""
+    light: bool = False  # host work that does not count against shared_per_gpu (accuracy: decoding and COCOeval)  # jobs of equal affinity prefer the GPU that ran the last such job (its build cache is warm)
 
 
 @dataclass
@@ -99,17 +100,22 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
             # as many GPUs drain as timings wait, the least busy first
             for gpu in sorted((g for g in state if not g.busy_exclusive), key=lambda g: len(g.running))[:len(waiting)]:
                 gpu.draining = True
-        shared = [j for j in jobs if not j.exclusive]
-        open_ = sorted((g for g in state if not g.draining and not g.busy_exclusive and len(g.running) < shared_per_gpu),
-                       key=lambda g: len(g.running))
-        if not (shared and open_):
+        usable = [g for g in state if not g.draining and not g.busy_exclusive]
+        for job in (j for j in jobs if j.light):
+            if usable:
+                start(job, min(usable, key=lambda g: len(g.running)))
+                return True
+        heavy = [j for j in jobs if not j.exclusive and not j.light]
+        load = lambda g: sum(not j.light for j in g.running)  # noqa: E731
+        open_ = sorted((g for g in usable if load(g) < shared_per_gpu), key=load)
+        if not (heavy and open_):
             return False
         for gpu in open_:
-            job = next((j for j in shared if j.affinity and j.affinity == gpu.last), None)
+            job = next((j for j in heavy if j.affinity and j.affinity == gpu.last), None)
             if job:
                 start(job, gpu)
                 return True
-        start(shared[0], open_[0])
+        start(heavy[0], open_[0])
         return True
 
     with lock:

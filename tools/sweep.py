@@ -135,13 +135,16 @@ def load_grid(path, root: Path = REPO) -> Grid:
 
 
 def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
-    """The axis label of `value`; a value off the axis (a reference's own setting) is named after `owner`, the
-    recipe it comes from, or else by a digest."""
+    """The axis label of `value`; a scalar off the axis (a capped image count) is named by itself, a list off the
+    axis (a reference's own exclusions) after `owner`, the recipe it comes from, or else by a digest."""
     for label, v in axis.items():
         if v == value or (isinstance(v, list) and tuple(v) == tuple(value if isinstance(value, (list, tuple)) else
                                                                      (value,))):
             return label
-    return f"{SHORT.get(key, key + '=')}{f'as-{owner}' if owner else digest(value)[:6]}"
+    prefix = SHORT.get(key, key + "=")
+    if isinstance(value, (int, float, str)):
+        return f"{prefix}{value}"
+    return f"{prefix}{f'as-{owner}' if owner else digest(value)[:6]}"
 
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
@@ -336,7 +339,8 @@ class Runner:
             by_chain[name] = (recipe, profile)
             kind = "int8" if recipe.calibrated else "fp16"
             affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
-            chains.append([Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "") for s in stages])
+            chains.append([Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy")
+                           for s in stages])
         records = {}
 
         def done(job: Job, gpu: str, error) -> None:
@@ -382,15 +386,20 @@ def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=No
         return [], failures
     points = [p for p in points if p.name not in failures]
     pairs = lambda recipes: [(r, p) for r in recipes for p in setup.engine_profiles(r)]  # noqa: E731
-    records, failed = runner(pairs([screened(r, grid.screen) for r in points]), gpu, stop_after)
+    if grid.screen is None:
+        records, failed = runner(pairs(points), gpu, stop_after)
+        return records, {**failures, **failed}
+    # the references' final-level engines do not wait for the screening: longest builds first, the screening after
+    final = [r for r in points if r.name in refs or r.precision == "fp16"]
+    records, failed = runner(pairs(final) + pairs([screened(r, grid.screen) for r in points]), gpu, stop_after)
     failures.update(failed)
-    if grid.screen is None or failed:
-        return records, failures
-    best = front(sweep_rows(records, grid), grid.screen.front_max)
-    again = [r for r in points if r.name in refs or r.name in best or r.precision == "fp16"]
-    final, failed = runner(pairs(again), gpu, stop_after)
-    failures.update(failed)
-    return records + final, failures
+    screen_level = grid.screen.builder_optimization_level
+    best = front(sweep_rows([r for r in records if r["level"] == screen_level], grid), grid.screen.front_max)
+    more = [r for r in points if r.name in best and r not in final]
+    if more and not failed:
+        added, failed = runner(pairs(more), gpu, stop_after)
+        records, failures = records + added, {**failures, **failed}
+    return records, failures
 
 
 def visible_gpus() -> list[str]:
