@@ -1,6 +1,7 @@
 """tools.profile on real per-layer exports (YOLO11n, H200, TensorRT 8.6.1, level 1, static batch 32) and the
 fallback's profiling flags. Expected counts and sums are read off the raw files with regexes, not with the tool."""
 import gzip
+import sys
 import json
 import re
 
@@ -174,3 +175,28 @@ def test_fallback_takes_the_profiling_flags_and_writes_trtexecs_profile_format(t
     path.write_text(json.dumps(records))
     assert read_profile(path) == {"conv": 2.0, "copy": 0.5}
     assert profile_text(records).splitlines()[-1].split()[-1] == "Total"
+
+
+FAKE_TRTEXEC = '''import gzip, shutil, sys
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+for flag, what in (("exportLayerInfo", "layers"), ("exportProfile", "profile")):
+    with gzip.open(f"{sys.argv[1]}/int8-qdq.b32.L1.{what}.json.gz", "rb") as src, open(opts[flag], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+print("[I] GPU Compute Time: min = 3.2 ms, max = 3.4 ms, mean = 3.26 ms, median = 3.26 ms, percentile(99%) = 3.4 ms")
+'''
+
+
+def test_profile_engine_through_a_stand_in_trtexec(tmp_path):
+    """The glue the pipeline calls, with a script in trtexec's place that writes the H200 exports."""
+    from tools.profile import profile_engine
+
+    script = tmp_path / "fake_trtexec.py"
+    script.write_text(FAKE_TRTEXEC)
+    (tmp_path / "logs").mkdir()
+    rec = profile_engine(tmp_path / "e.engine", [sys.executable, str(script), str(DATA)], tmp_path / "logs/e", 32, 640)
+    assert rec["e2e_ms"] == 3.26 and rec["layers_ms"] == pytest.approx(3.0936, abs=1e-4)
+    assert rec["reformat_n"] == 48 and rec["profiled_runs"] == 50 and rec["ms_by_precision"]["int8"] > 2
+    assert rec["csv"].endswith("e.profile-b32.layers.csv") and (tmp_path / "logs/e.profile-b32.log").is_file()
+    with pytest.raises(UserError, match=r"e\.profile-b8\.log: profiling .* failed"):
+        profile_engine(tmp_path / "e.engine", [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "logs/e",
+                       8, 640)
