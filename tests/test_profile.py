@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO
 
 from tools.common import UserError
-from tools.profile import (assign_blocks, by_block, compare, profile_args, profile_table, read_layers, read_profile,
-                           report, short_format, totals)
+from tools.profile import (assign_blocks, by_block, compare, load, profile_args, profile_table, read_layers,
+                           read_profile, report, short_format, totals)
 from tools.trtexec_py import parse_flags, profile_records, profile_text
 
 DATA = REPO / "tests" / "data" / "profile"
@@ -23,8 +23,8 @@ def raw(label: str, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def rows():
-    return {lab: profile_table(read_layers(DATA / f"{lab}.b32.L1.layers.json.gz"),
-                               read_profile(DATA / f"{lab}.b32.L1.profile.json.gz")) for lab in ENGINES}
+    return {lab: load(DATA / f"{lab}.b32.L1.layers.json.gz", DATA / f"{lab}.b32.L1.profile.json.gz")
+            for lab in ENGINES}
 
 
 def test_reads_trt86_layer_json_despite_its_control_characters():
@@ -135,7 +135,7 @@ def test_report_writes_tables_summary_and_plot(tmp_path):
     assert paths["int8-qdq.csv"].read_text().count("\n") == 237
 
 
-def test_layer_names_only_is_a_one_line_error(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path):
     names_only = tmp_path / "names.json"  # what trtexec writes without --profilingVerbosity=detailed
     names_only.write_text('{"Layers": ["Reformatting CopyNode for Input Tensor 0 to /model.0/conv/Conv"\n'
                           ',"/model.0/conv/Conv"\n],\n"Bindings": ["images"\n,"output0"\n]}')
@@ -144,6 +144,12 @@ def test_layer_names_only_is_a_one_line_error(tmp_path):
     assert str(names_only) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such file"):
         read_layers(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="no 'Layers' list"):
+        read_layers(DATA / "fp16.b32.L1.profile.json.gz")  # the two files swapped
+    with pytest.raises(UserError, match="no per-layer records"):
+        read_profile(DATA / "fp16.b32.L1.layers.json.gz")
+    with pytest.raises(UserError, match="export both from one engine"):
+        load(DATA / "fp16.b32.L1.layers.json.gz", DATA / "int8-qdq.b32.L1.profile.json.gz")
 
 
 def test_strict_json_in_trt10_style(tmp_path):

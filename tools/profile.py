@@ -75,15 +75,16 @@ def read_layers(path) -> list[Layer]:
     """Engine-inspector JSON (trtexec --exportLayerInfo, TensorRT 8.6 / 10.x, strict or not) -> layers in
     execution order."""
     data = _load_json(path, "--exportLayerInfo")
-    layers = data.get("Layers") if isinstance(data, dict) else data
+    layers = data.get("Layers") if isinstance(data, dict) else None
     if not isinstance(layers, list) or not layers:
         raise UserError(f"{path}: has no 'Layers' list; give the file trtexec --exportLayerInfo writes")
     if all(isinstance(x, str) for x in layers):
         raise UserError(f"{path}: lists layer names only; rebuild the engine with --profilingVerbosity=detailed "
                         f"so the layer info has formats, tactics and ONNX nodes")
-    return [Layer(d.get("Name", ""), d.get("LayerType", ""), tuple(map(_tensor, d.get("Inputs", ()))),
-                  tuple(map(_tensor, d.get("Outputs", ()))), _tactic(d), d.get("Metadata") or "")
-            for d in layers if isinstance(d, dict)]
+    if not all(isinstance(d, dict) and "Name" in d for d in layers):
+        raise UserError(f"{path}: a 'Layers' entry without a Name; give the file trtexec --exportLayerInfo writes")
+    return [Layer(d["Name"], d.get("LayerType", ""), tuple(map(_tensor, d.get("Inputs", ()))),
+                  tuple(map(_tensor, d.get("Outputs", ()))), _tactic(d), d.get("Metadata") or "") for d in layers]
 
 
 def _tactic(d: dict) -> str:
@@ -268,6 +269,16 @@ def profile_table(layers: list[Layer], times: dict[str, float]) -> list[dict]:
                      "layer_type": x.layer_type, "tactic": x.tactic, "onnx_nodes": " ".join(onnx_nodes(x)),
                      "inputs": _tensors_text(x.inputs), "outputs": _tensors_text(x.outputs)})
     return rows
+
+
+def load(layers_path, profile_path) -> list[dict]:
+    """profile_table() of one engine's two exports, refusing a pair from different engines."""
+    layers, times = read_layers(layers_path), read_profile(profile_path)
+    unknown = set(times) - {x.name for x in layers}
+    if len(unknown) > len(times) / 2:
+        raise UserError(f"{profile_path}: {len(unknown)} of its {len(times)} layers are not in {layers_path}; "
+                        f"export both from one engine, in one trtexec run")
+    return profile_table(layers, times)
 
 
 def _precisions(rows) -> list[str]:
@@ -562,7 +573,7 @@ def report(pairs: list[tuple[str, str, str]], out_dir, e2e_ms: dict | None = Non
     out_dir = Path(out_dir)
     engines, runs, paths = [], {}, {}
     for label, layers_path, profile_path in pairs:
-        rows = profile_table(read_layers(layers_path), read_profile(profile_path))
+        rows = load(layers_path, profile_path)
         engines.append((label, rows))
         runs[label] = profile_runs(profile_path)
         paths[f"{label}.csv"] = out_dir / f"{label}.layers.csv"
@@ -596,7 +607,7 @@ def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: in
     rc, _ = run_logged(trtexec + profile_args(engine, batch, imgsz, layers_json, profile_json), log)
     if rc != 0 or not (layers_json.is_file() and profile_json.is_file()):
         raise UserError(f"{log}: profiling {engine} at batch {batch} failed (exit {rc}); read the log")
-    rows = profile_table(read_layers(layers_json), read_profile(profile_json))
+    rows = load(layers_json, profile_json)
     write_text(csv_path, to_csv(_rounded(rows)))
     t = totals(rows)
     return {"batch": batch, "log": str(log), "layers_json": str(layers_json), "profile_json": str(profile_json),
