@@ -8,6 +8,7 @@ Imports only tensorrt, numpy and polygraphy (for the CUDA runtime); runs under T
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from tools.common import UserError, atomic_path, run_main
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
-                    "layerOutputTypes", "profilingVerbosity", "warmUp", "duration", "iterations", "percentile", "device"}
+                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device"}
 SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
             "useSpinWait"}
 
@@ -40,6 +41,7 @@ def parse_flags(argv: list[str]) -> dict:
                             f"(TRTEXEC=/path/to/trtexec) or drop the flag")
     if ("onnx" in opts) == ("loadEngine" in opts):
         raise UserError("trtexec_py: give exactly one of --onnx=model.onnx or --loadEngine=model.engine")
+    check_profiling_flags(opts)
     return opts
 
 
@@ -111,11 +113,6 @@ class Fallback:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
         if "builderOptimizationLevel" in o:
             config.builder_optimization_level = int(o["builderOptimizationLevel"])
-        if "profilingVerbosity" in o:
-            verbosity = {"layer_names_only": "LAYER_NAMES_ONLY", "detailed": "DETAILED", "none": "NONE"}
-            if o["profilingVerbosity"] not in verbosity:
-                raise UserError(f"trtexec_py: --profilingVerbosity takes {', '.join(verbosity)}")
-            config.profiling_verbosity = getattr(trt.ProfilingVerbosity, verbosity[o["profilingVerbosity"]])
         profile = self._profile(builder, network)
         if profile is not None:
             config.add_optimization_profile(profile)
@@ -124,6 +121,7 @@ class Fallback:
             if profile is not None and self.major < 10:
                 config.set_calibration_profile(profile)
         self._layer_precisions(network, config)
+        self._profiling_verbosity(config)
         cache_path = o.get("timingCacheFile")
         if self.caches is not None:  # build server: the cache of this level lives in memory across builds
             level = config.builder_optimization_level
@@ -222,6 +220,7 @@ class Fallback:
         for name in inputs:
             buffers[name].copy_from(hosts[name], stream)
         used_mib = (free0 - gpu_free_bytes(cudart)) / 2**20
+        self.layer_info(engine, context)
         self.log(f"[I] Total Activation Memory: {engine.device_memory_size} bytes")
         self.log(f"[I] GPU memory used by engine, context and buffers: {used_mib:.1f} MiB")
 
@@ -274,12 +273,71 @@ class Fallback:
         self.log(f"[I] Total GPU Compute Time: {gpu_ms.sum() / 1e3:g} s")
         if transfers:
             self.log("[I] Note: with data transfers, Latency and GPU Compute Time both include the copies")
+        self.profile_layers(context, stream)
         if graph_exec is not None:
             cudart.cudaGraphExecDestroy(graph_exec)
         timer.free()
         for b in buffers.values():
             b.free()
         stream.free()
+
+    # --- per-layer profile and layer info (trtexec --separateProfileRun --exportProfile --exportLayerInfo) ------
+    def _profiling_verbosity(self, config):
+        name = self.opts.get("profilingVerbosity")
+        if name is None:
+            return
+        levels = {"layer_names_only": "LAYER_NAMES_ONLY", "detailed": "DETAILED", "none": "NONE"}
+        if name not in levels:
+            raise UserError(f"trtexec_py: --profilingVerbosity={name}; use one of {', '.join(levels)}")
+        config.profiling_verbosity = getattr(self.trt.ProfilingVerbosity, levels[name])
+
+    def layer_info(self, engine, context):
+        """--dumpLayerInfo / --exportLayerInfo: the engine inspector's layers, for the shapes set on `context`."""
+        trt, o = self.trt, self.opts
+        if not (o.get("dumpLayerInfo") or "exportLayerInfo" in o):
+            return
+        inspector = engine.create_engine_inspector()
+        inspector.execution_context = context
+        if o.get("dumpLayerInfo"):
+            self.log("[I] Layer Information:\n" + inspector.get_engine_information(trt.LayerInformationFormat.ONELINE))
+        if "exportLayerInfo" in o:
+            with atomic_path(o["exportLayerInfo"]) as tmp:
+                tmp.write_text(inspector.get_engine_information(trt.LayerInformationFormat.JSON), encoding="utf-8")
+            self.log(f"[I] Layer information written to {o['exportLayerInfo']}")
+
+    def profile_layers(self, context, stream):
+        """--dumpProfile / --exportProfile: per-layer times from runs of their own after the timing runs (trtexec's
+        --separateProfileRun, which the fallback always does: an attached profiler synchronises after every layer,
+        so the timing runs must not have one). Same warm-up, duration and iteration count as the timing runs."""
+        o = self.opts
+        if not (o.get("dumpProfile") or "exportProfile" in o):
+            return
+        profiler = layer_profiler(self.trt)
+        context.profiler = profiler
+        context.enqueue_emits_profile = False  # report once per run, after the stream has finished it
+
+        def run():
+            profiler.runs.append({})
+            if not context.execute_async_v3(stream.ptr):
+                raise UserError("trtexec_py: execute_async_v3 failed in the profiling run")
+            stream.synchronize()
+            context.report_to_profiler()
+
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < float(o.get("warmUp", 200)):
+            run()
+        profiler.runs.clear()
+        t0 = time.perf_counter()
+        min_runs, duration_s = int(o.get("iterations", 10)), float(o.get("duration", 3))
+        while len(profiler.runs) < min_runs or time.perf_counter() - t0 < duration_s:
+            run()
+        records = profile_records(profiler.runs)
+        if o.get("dumpProfile"):
+            self.log(profile_text(records))
+        if "exportProfile" in o:
+            with atomic_path(o["exportProfile"]) as tmp:
+                tmp.write_text(json.dumps(records, indent=1) + "\n")
+            self.log(f"[I] Profile written to {o['exportProfile']}")
 
 
 def check(status: int, what: str):
@@ -459,6 +517,59 @@ def build_on_server(address: str, argv: list[str]) -> int | None:
     for line in lines:
         print(line, flush=True)
     return rc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-layer profiling: trtexec's flags for it, and its export format (read back by tools.profile)
+FLAGS_WITH_VALUE |= {"exportProfile", "exportLayerInfo", "profilingVerbosity"}
+SWITCHES |= {"dumpProfile", "dumpLayerInfo", "separateProfileRun"}
+
+
+def check_profiling_flags(opts: dict):
+    wanted = [f"--{k}" for k in ("dumpProfile", "exportProfile", "dumpLayerInfo", "exportLayerInfo") if k in opts]
+    if wanted and opts.get("skipInference"):
+        raise UserError(f"trtexec_py: {' '.join(wanted)} needs an inference run; drop --skipInference (the fallback "
+                        f"profiles and inspects engines when it runs them)")
+
+
+def layer_profiler(trt):
+    """A trt.IProfiler that keeps one {layer name: ms} dict per profiled run (the caller opens each run's dict)."""
+    class LayerTimes(trt.IProfiler):
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.runs: list[dict[str, float]] = []
+
+        def report_layer_time(self, layer_name, ms):
+            run = self.runs[-1]
+            run[layer_name] = run.get(layer_name, 0.0) + ms
+
+    return LayerTimes()
+
+
+def profile_records(runs: list[dict[str, float]]) -> list[dict]:
+    """Per-run layer times -> trtexec's --exportProfile JSON: [{"count": runs}, {"name", "timeMs" (all runs),
+    "averageMs", "medianMs", "percentage"}, ...], layers in the order they ran."""
+    if not runs:
+        raise UserError("trtexec_py: the profiling run recorded nothing; raise --iterations or --duration")
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    per_layer = {name: np.array([run.get(name, 0.0) for run in runs]) for name in names}
+    total = sum(v.sum() for v in per_layer.values())
+    return [{"count": len(runs)}] + [
+        {"name": name, "timeMs": float(v.sum()), "averageMs": float(v.mean()), "medianMs": float(np.median(v)),
+         "percentage": float(100 * v.sum() / total) if total else 0.0} for name, v in per_layer.items()]
+
+
+def profile_text(records: list[dict]) -> str:
+    """trtexec's --dumpProfile table."""
+    layers = records[1:]
+    lines = [f"[I] === Profile ({records[0]['count']} iterations ) ===",
+             f"[I] {'Time(ms)':>11} {'Avg.(ms)':>11} {'Median(ms)':>11} {'Time(%)':>8}   Layer"]
+    lines += [f"[I] {r['timeMs']:11.2f} {r['averageMs']:11.4f} {r['medianMs']:11.4f} {r['percentage']:8.1f}   "
+              f"{r['name']}" for r in layers]
+    total = sum(r["timeMs"] for r in layers)
+    lines.append(f"[I] {total:11.2f} {total / records[0]['count']:11.4f} "
+                 f"{sum(r['medianMs'] for r in layers):11.4f} {100.0:8.1f}   Total")
+    return "\n".join(lines)
 
 
 def usage() -> str:
