@@ -206,3 +206,31 @@ def test_profile_engine_through_a_stand_in_trtexec(tmp_path):
     with pytest.raises(UserError, match=r"e\.profile-b8\.log: profiling .* failed"):
         profile_engine(tmp_path / "e.engine", [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "logs/e",
                        8, 640)
+
+
+def test_make_profile_reads_the_records_of_the_run(tmp_path):
+    """`make profile`: the newest record of each recipe that holds a per-layer profile, side by side per profile."""
+    import gzip
+    import shutil
+
+    from tools.profile import from_records
+    from tools.records import Layout
+
+    layout = Layout("yolo11n", REPO, tmp_path)
+    for name, stem in (("fp16", "fp16.b32.L1"), ("int8-qdq", "int8-qdq.b32.L1")):
+        files = {}
+        for kind in ("layers", "profile"):
+            dst = tmp_path / f"{stem}.{kind}.json"
+            with gzip.open(REPO / "tests/data/profile" / f"{stem}.{kind}.json.gz", "rb") as f, open(dst, "wb") as g:
+                shutil.copyfileobj(f, g)
+            files[kind] = str(dst)
+        rec = {"name": name, "key": name, "level": 3, "profile": {"name": "b32"}, "updated_utc": "2026-11-27",
+               "bench": [{"batch": 32, "cuda_graph": False, "latency_ms_p50": 3.5}],
+               "layers": {"batch": 32, "layers_json": files["layers"], "profile_json": files["profile"]}}
+        layout.write_json(layout.points / f"{name}.b32.{name}.json", rec)
+    written = from_records([REPO / "recipes/yolo11n/int8-qdq.yaml", REPO / "recipes/yolo11n/fp16.yaml"], tmp_path,
+                           profiles=["b32"])
+    out = tmp_path / "yolo11n" / "profile" / "b32-L3"
+    assert set(written) == {"b32"} and (out / "profile.md").is_file() and (out / "by-block.csv").is_file()
+    with pytest.raises(UserError, match="no per-layer profile"):
+        from_records([REPO / "recipes/yolo11n/int8-qdq.yaml"], tmp_path, profiles=["b1"])

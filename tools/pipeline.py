@@ -382,8 +382,10 @@ def layers_run(point: Point) -> None:
 
     layout, rec = point.layout, point.record.data
     profile = point.recipe.profiles[point.profile]
-    rec["layers"] = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
-                                   layout.logs / point.engine_stem, profile.max, point.recipe.imgsz)
+    found = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
+                           layout.logs / point.engine_stem, profile.max, point.recipe.imgsz)
+    rec["layers"] = {k: layout.rel(v) if k in ("log", "layers_json", "profile_json", "csv") else v
+                     for k, v in found.items()}
 
 
 @dataclass(frozen=True)

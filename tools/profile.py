@@ -618,16 +618,63 @@ def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: in
             "reformat_n": t["reformat_n"], "reformat_ms": round(t["reformat_ms"], 4)}
 
 
+def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12) -> dict:
+    """`make profile`: for each deployment profile, the recipes' engines side by side, read from the newest record of
+    each recipe that holds a per-layer profile (the pipeline's `layers` stage), into <results>/<model>/profile/."""
+    from tools.common import REPO
+    from tools.records import Layout, newest, read_records
+    from tools.recipe import load as load_recipe
+    from tools.summary import bench_row
+
+    recipes = [load_recipe(p) for p in recipe_paths]
+    layout = Layout(recipes[0].model, REPO, Path(results).resolve(), overwrite)
+    found = [r for r in read_records(layout.points) if "layers" in r]
+    written = {}
+    for profile in profiles or recipes[0].profiles:
+        pairs, e2e = [], {}
+        for recipe in recipes:
+            mine = [r for r in found if r["name"] == recipe.name and r["profile"]["name"] == profile
+                    and r["level"] == recipe.builder_optimization_level]
+            rec = newest(mine)
+            if rec is None:
+                raise UserError(f"{layout.points}: no per-layer profile of {recipe.name!r} [{profile}] at level "
+                                f"{recipe.builder_optimization_level}; run `make profile RECIPE=...` (stage layers)")
+            layers = rec["layers"]
+            pairs.append((recipe.name, layout.resolve(layers["layers_json"]), layout.resolve(layers["profile_json"])))
+            batch = layers["batch"]
+            timing = (bench_row(rec, batch, False) or bench_row(rec, batch, True)) if "bench" in rec else None
+            if timing:
+                e2e[recipe.name] = timing["latency_ms_p50"]
+        out = layout.out / "profile" / f"{profile}-L{recipes[0].builder_optimization_level}"
+        for tracked in (p for p in out.glob("*") if p.is_file()):
+            layout.guard(tracked)
+        written[profile] = report(pairs, out, e2e, top)
+    return written
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", action="append", required=True, help="trtexec --exportLayerInfo JSON (repeat)")
-    ap.add_argument("--profile", action="append", required=True, help="trtexec --exportProfile JSON (repeat)")
+    ap.add_argument("--recipes", nargs="+", help="compare these recipes' profiled engines (from the run's records)")
+    ap.add_argument("--results", default="runs", help="with --recipes: the run's results root (default: runs/)")
+    ap.add_argument("--profiles", help="with --recipes: comma-separated deployment profiles (default: all)")
+    ap.add_argument("--overwrite", action="store_true", help="with --recipes: replace a committed profile")
+    ap.add_argument("--layers", action="append", help="trtexec --exportLayerInfo JSON (repeat)")
+    ap.add_argument("--profile", action="append", help="trtexec --exportProfile JSON (repeat)")
     ap.add_argument("--labels", help="comma-separated engine names (default: the layer files' names)")
     ap.add_argument("--e2e-ms", help="comma-separated end-to-end GPU medians (ms) to set beside the layer sums")
     ap.add_argument("--top", type=int, default=12, help="reformat layers listed per engine")
-    ap.add_argument("-o", "--out-dir", required=True)
+    ap.add_argument("-o", "--out-dir", help="where the CSVs, summary and plot go (with --layers/--profile)")
     args = ap.parse_args(argv)
+    if args.recipes:
+        written = from_records(args.recipes, args.results, args.overwrite,
+                               args.profiles.split(",") if args.profiles else None, args.top)
+        for paths in written.values():
+            for p in paths.values():
+                print(f"wrote {p}")
+        return
+    if not (args.layers and args.profile and args.out_dir):
+        raise UserError("give --recipes R.yaml ..., or --layers/--profile pairs and -o OUTDIR")
     if len(args.layers) != len(args.profile):
         raise UserError(f"{len(args.layers)} --layers but {len(args.profile)} --profile; give one of each per engine")
     labels = args.labels.split(",") if args.labels else [Path(p).name.split(".")[0] for p in args.layers]
