@@ -17,7 +17,7 @@ import yaml
 from tools.common import REPO, UserError
 
 PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
-CALIBRATION_METHODS = ("entropy", "max")
+CALIBRATION_METHODS = ("entropy", "max", "mse", "percentile")
 IMPLICIT_CALIBRATORS = ("minmax", "entropy")
 DTYPES = ("fp32", "fp16")
 
@@ -43,6 +43,7 @@ class Recipe:
     precision: str = "fp16"
     # --- ModelOpt ONNX PTQ (int8-qdq only) ------------------------------------------------------------------
     calibration_method: str = "entropy"
+    calibration_percentile: float = 99.99  # percentile method only: amax clips the top (100 - p) % of |x|
     calib_images: int = 400
     calib_seed: int = 0
     nodes_to_exclude: tuple[str, ...] = ()
@@ -76,6 +77,7 @@ class Recipe:
             (all(self.min_batch <= b <= self.max_batch for b in self.bench_batches),
              "every bench_batches entry must lie in [min_batch, max_batch]"),
             (self.calib_images > 0, "calib_images must be positive"),
+            (0 < self.calibration_percentile <= 100, "calibration_percentile must lie in (0, 100]"),
             (self.imgsz % 32 == 0, "imgsz must be a multiple of 32"),
         ]
         for ok, msg in checks:
@@ -116,6 +118,8 @@ class Recipe:
             for k in ("calibration_method", "nodes_to_exclude", "op_types_to_exclude", "high_precision_dtype",
                       "calibration_eps"):
                 d.pop(k)
+        if not (self.quantized and self.calibration_method == "percentile"):
+            d.pop("calibration_percentile")
         if self.precision != "int8-implicit":
             d.pop("implicit_calibrator")
         if not self.calibrated:
@@ -124,8 +128,9 @@ class Recipe:
 
     def quantize_settings(self) -> dict:
         return {k: v for k, v in self.settings().items()
-                if k in ("model", "onnx", "imgsz", "calibration_method", "calib_images", "calib_seed",
-                         "nodes_to_exclude", "op_types_to_exclude", "high_precision_dtype", "calibration_eps")}
+                if k in ("model", "onnx", "imgsz", "calibration_method", "calibration_percentile", "calib_images",
+                         "calib_seed", "nodes_to_exclude", "op_types_to_exclude", "high_precision_dtype",
+                         "calibration_eps")}
 
     def replace(self, **changes) -> "Recipe":
         return from_dict({**to_dict(self), **changes})
