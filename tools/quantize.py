@@ -7,7 +7,8 @@ Two ModelOpt runs, both logged with their exact command:
    The histogram methods (mse, percentile: tools/calibrators.py) write that cache themselves, for the tensors of
    ModelOpt's max cache on the same images.
 2. quantize: apply the recipe (exclusions, high-precision dtype) with `--calibration_cache_path`.
-A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts.
+A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts. An FP16
+flavour (high precision fp16) has its subnormal weight scales raised to FP16's smallest normal (tools/qdq_fp16.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_
     save_histograms, scale_groups
 from tools.common import UserError, atomic_path, list_images, run_main, sha256_file, write_json, write_text
 from tools.engine import run_logged
+from tools.qdq_fp16 import clamp_weight_scales
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
 
@@ -180,9 +182,22 @@ def node_counts(qdq_onnx) -> dict:
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
 
 
+def raise_fp16_weight_scales(qdq_onnx) -> list[dict]:
+    """Raise the FP16 flavour's subnormal weight scales to FP16's smallest normal, in the file (tools/qdq_fp16.py)."""
+    import onnx
+
+    model = onnx.load(str(qdq_onnx))
+    raised = clamp_weight_scales(model)
+    if raised:
+        onnx.save(model, str(qdq_onnx))
+    return raised
+
+
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
+    # FP16 flavours made before raise_fp16_weight_scales kept a subnormal scale: their own key makes them again
+    fp16_fix = {"fp16_weight_scales": "normal"} if hp_dtype == "fp16" else {}
     key = digest({**recipe.quantize_settings(), "high_precision_dtype": hp_dtype, "calib": calib_digest,
-                  "model": model_digest(recipe.onnx_path)})
+                  "model": model_digest(recipe.onnx_path), **fp16_fix})
     return root / "models" / recipe.model / "quant" / f"{recipe.name}.{key}.onnx"
 
 
@@ -217,6 +232,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not tmp.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
+        raised = raise_fp16_weight_scales(tmp) if hp_dtype == "fp16" else []
         counts = node_counts(tmp)
     import modelopt
 
@@ -224,7 +240,8 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         "recipe": recipe.name, "settings": recipe.quantize_settings(), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
-        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts})
+        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
+        "fp16_weight_scales_raised": raised})
     print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
     return out
 
