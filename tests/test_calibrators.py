@@ -8,14 +8,15 @@ import onnx
 import pytest
 from conftest import CALIB, MODEL, REPO
 
-from tools.calibrators import MAX_BINS, Histogram, fixed_amax, load_histograms, mse_amax, percentile_amax, scale_groups
+from tools.calibrators import MAX_BINS, Histogram, fixed_amax, histogram_scales, load_histograms, mse_amax, \
+    percentile_amax, scale_groups
 from tools.common import UserError
 from tools.quantize import activation_scales, calibrate, quantize, quantized_path, read_cache
 from tools.recipe import from_dict, load
 
 
-def filled(*batches, **kw) -> Histogram:
-    h = Histogram(**kw)
+def filled(*batches) -> Histogram:
+    h = Histogram()
     for b in batches:
         h.add(b)
     return h
@@ -51,6 +52,9 @@ def test_mse_clips_an_outlier_at_the_brute_force_optimum():
 def test_all_zero_batches_then_data():
     h = filled(np.zeros(100), np.array([0.0, 2.0]))
     assert h.counts[0] == 101 and h.amax == 2.0 and h.counts.sum() == 102
+    for method in ("mse", "percentile"):
+        with pytest.raises(UserError, match="tensor t is zero on every calibration image"):
+            histogram_scales({"t": filled(np.zeros(10))}, {"t": "t"}, method)
 
 
 def test_concat_inputs_share_the_output_scale():

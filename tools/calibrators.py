@@ -54,7 +54,7 @@ class Histogram:
         self.amax = max(self.amax, top)
         needed = int(top / self.width) + 1
         while needed > self.max_bins:
-            self._merge(2)
+            self._merge_pairs()
             needed = int(top / self.width) + 1
         if needed > self.counts.size:
             self.counts = np.concatenate([self.counts, np.zeros(needed - self.counts.size, np.int64)])
@@ -62,10 +62,11 @@ class Histogram:
         idx = np.minimum((a * np.float32(1 / self.width)).astype(np.int64), self.counts.size - 1)
         self.counts += np.bincount(idx, minlength=self.counts.size)
 
-    def _merge(self, factor: int) -> None:
-        pad = -self.counts.size % factor
-        self.counts = np.concatenate([self.counts, np.zeros(pad, np.int64)]).reshape(-1, factor).sum(axis=1)
-        self.width *= factor
+    def _merge_pairs(self) -> None:
+        """Halve the resolution: bins 2i and 2i+1 become bin i."""
+        counts = np.concatenate([self.counts, np.zeros(self.counts.size % 2, np.int64)])
+        self.counts = counts.reshape(-1, 2).sum(axis=1)
+        self.width *= 2
 
 
 def percentile_amax(h: Histogram, percentile: float) -> float:
@@ -93,6 +94,8 @@ def mse_amax(h: Histogram, start_bin: int = MSE_START_BIN, chunk: int = 256) -> 
 
 
 def amax_of(h: Histogram, method: str, percentile: float = 99.99) -> float:
+    if h.amax == 0:  # only zeros seen: no range to search (histogram_scales names the tensor)
+        return 0.0
     if method == "mse":
         return mse_amax(h)
     if method == "percentile":
