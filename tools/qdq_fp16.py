@@ -9,10 +9,14 @@
    the scale in float32), only where the installed ONNX Runtime is found to truncate. The deployed model keeps its
    float16 QuantizeLinear nodes.
 2. A weight channel that is practically zero gets a per-channel scale below FP16's smallest normal number (YOLO11n:
-   one channel of the C2PSA qkv conv, scale 3.3e-11 in FP32, whose weights are all below 5e-9). ModelOpt stores it as
-   the FP16 subnormal 6e-8, which a runtime that flushes subnormals reads as 0 (TensorRT 8.6 refuses FP16 Q/DQ models
-   with "Scale coefficients must all be positive"), and whose reciprocal overflows FP16. `clamp_weight_scales`
-   raises such scales to the smallest normal, 2**-14; the channel's weights still quantize to 0, as they did.
+   one channel of the C2PSA qkv conv, scale 3.3e-11 in FP32, whose weights are all below 4.2e-9). ModelOpt stores it
+   as the FP16 subnormal 6e-8: zero for a runtime that flushes subnormals, and a reciprocal (1.7e7) beyond FP16's
+   range. `clamp_weight_scales` raises such scales to the smallest normal, 2**-14: that channel's weights (stored as
+   0 or 6e-8, FP16's smallest subnormal) then quantize to 0 instead of 0 or 1 step, a change of 6e-8 in weights that
+   multiply activations of order 1. A guard, not the cause of anything measured: ONNX Runtime scores the same with
+   or without it, and TensorRT 8.6's refusal of FP16 scales ("Scale coefficients must all be positive") has another
+   cause - its ONNX parser (onnx-tensorrt QuantDequantLinearHelper) reads any scale initializer as float32, so it
+   reads FP16 scales as pairs of halves and past their end; later parsers check FP16 scales as FP16.
 """
 from __future__ import annotations
 
