@@ -4,8 +4,11 @@ Two ModelOpt runs, both logged with their exact command:
 1. calibrate: quantize everything on the calibration tensor and keep the activation scales as a TensorRT-format
    calibration cache. Scales depend only on the float model, the images and the method, so one cache serves
    every exclusion set (the expensive part runs once per method x image count, not once per sweep point).
+   The histogram methods (mse, percentile: tools/calibrators.py) write that cache themselves, for the tensors of
+   ModelOpt's max cache on the same images.
 2. quantize: apply the recipe (exclusions, high-precision dtype) with `--calibration_cache_path`.
-A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts.
+A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts. An FP16
+flavour (high precision fp16) has its subnormal weight scales raised to FP16's smallest normal (tools/qdq_fp16.py).
 """
 from __future__ import annotations
 
@@ -13,12 +16,16 @@ import argparse
 import importlib.util
 import struct
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from tools.calib import build_calibration, select_images
+from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
+    save_histograms, scale_groups
 from tools.common import UserError, atomic_path, list_images, run_main, sha256_file, write_json, write_text
 from tools.engine import run_logged
+from tools.qdq_fp16 import clamp_weight_scales
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
 
@@ -67,12 +74,44 @@ def cache_text(scales: dict[str, float], method: str) -> str:
     return header + "\n" + "".join(f"{k}: {struct.pack('!f', v).hex()}\n" for k, v in sorted(scales.items()))
 
 
+def read_cache(path) -> dict[str, float]:
+    """{tensor: scale} of a TensorRT calibration cache (the inverse of cache_text; the header line is skipped)."""
+    scales = {}
+    for n, line in enumerate(Path(path).read_text().splitlines()[1:], start=2):
+        name, sep, value = line.rpartition(": ")
+        try:
+            scales[name] = struct.unpack("!f", bytes.fromhex(value))[0]
+        except (ValueError, struct.error):
+            raise UserError(f"{path}:{n}: not a `tensor: hex float32` calibration-cache line; delete the cache "
+                            f"so that it is made again") from None
+        if not sep:
+            raise UserError(f"{path}:{n}: no `tensor: ` before the scale; delete the cache so that it is made again")
+    return scales
+
+
+def calibration_label(recipe: Recipe) -> str:
+    """The calibration as cache names spell it: a percentile names its value, since each value has its own scales."""
+    if recipe.calibration_method == "percentile":
+        return f"percentile{recipe.calibration_percentile:g}"
+    return recipe.calibration_method
+
+
+def modelopt_method(method: str) -> str:
+    """What ModelOpt's --calibration_method gets when it reads a cache: it knows entropy and max only, and with a cache
+    its own calibration only places the Q/DQ nodes (the cache's scales replace its numbers), so the histogram methods
+    pass the cheaper max."""
+    return "max" if method in HISTOGRAM_METHODS else method
+
+
 def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
-    """Run ModelOpt's calibration once per (model, images, method); returns the calibration cache."""
+    """Calibrate once per (model, images, method): ModelOpt's entropy or max, or our histogram methods (built on
+    ModelOpt's max cache of the same images); returns the calibration cache."""
     npy = calibration_name(recipe, calib_dir, root)
-    cache = npy.with_name(f"{npy.stem}.{recipe.calibration_method}-{model_digest(recipe.onnx_path)}.cache")
+    cache = npy.with_name(f"{npy.stem}.{calibration_label(recipe)}-{model_digest(recipe.onnx_path)}.cache")
     if cache.is_file():
         return cache
+    if recipe.calibration_method in HISTOGRAM_METHODS:
+        return histogram_calibrate(recipe, cache, calib_dir, eval_dir, root)
     npy = calibration_npy(recipe, calib_dir, eval_dir, root)
     log = root / "logs" / recipe.model / f"{cache.stem}.calibrate.log"
     with atomic_path(cache.with_suffix(".full.onnx")) as full:
@@ -85,6 +124,35 @@ def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
             raise UserError(f"{log}: ModelOpt calibration failed (exit {rc}); read the log's last lines")
         write_text(cache, cache_text(activation_scales(full), recipe.calibration_method))
     print(f"calibrated {recipe.calibration_method} on {npy.name} in {seconds:.0f} s -> {cache}")
+    return cache
+
+
+def histogram_calibrate(recipe: Recipe, cache: Path, calib_dir, eval_dir, root: Path) -> Path:
+    """Write `cache` with mse or percentile scales. The tensors are those of ModelOpt's max cache on the same images;
+    their histograms are collected once per (model, images) and kept beside the calibration tensor, so every
+    histogram method and percentile after the first costs seconds."""
+    import onnx
+
+    start = time.time()
+    tensors = read_cache(calibrate(recipe.replace(calibration_method="max"), calib_dir, eval_dir, root))
+    model = onnx.load(str(recipe.onnx_path), load_external_data=False)
+    groups = scale_groups(model, tensors)
+    npy = calibration_npy(recipe, calib_dir, eval_dir, root)
+    hist_path = npy.with_name(f"{npy.stem}.hist-{model_digest(recipe.onnx_path)}.npz")
+    if hist_path.is_file():
+        hists = load_histograms(hist_path)
+    else:
+        log = root / "logs" / recipe.model / f"{hist_path.stem}.calibrate.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            f.write(f"histograms of {len(tensors)} tensors ({len(set(groups.values()))} scale groups) of "
+                    f"{recipe.onnx_path} over {npy}\n")
+            hists = collect(recipe.onnx_path, npy, groups, log=lambda line: print(line, file=f, flush=True))
+        save_histograms(hist_path, hists)
+    scales = histogram_scales(hists, groups, recipe.calibration_method, recipe.calibration_percentile,
+                              fixed_amax(model, tensors))
+    write_text(cache, cache_text(scales, recipe.calibration_method))
+    print(f"calibrated {calibration_label(recipe)} on {npy.name} in {time.time() - start:.0f} s -> {cache}")
     return cache
 
 
@@ -114,6 +182,17 @@ def node_counts(qdq_onnx) -> dict:
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
 
 
+def raise_fp16_weight_scales(qdq_onnx) -> list[dict]:
+    """Raise the FP16 flavour's subnormal weight scales to FP16's smallest normal, in the file (tools/qdq_fp16.py)."""
+    import onnx
+
+    model = onnx.load(str(qdq_onnx))
+    raised = clamp_weight_scales(model)
+    if raised:
+        onnx.save(model, str(qdq_onnx))
+    return raised
+
+
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
@@ -140,7 +219,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     with atomic_path(out) as tmp:
         cmd = MODELOPT + ["--onnx_path", str(recipe.onnx_path), "--quantize_mode", "int8",
                           "--calibration_cache_path", str(cache), "--calibration_shapes", shape,
-                          "--calibration_method", recipe.calibration_method,
+                          "--calibration_method", modelopt_method(recipe.calibration_method),
                           "--calibration_eps", *recipe.calibration_eps, "--high_precision_dtype", hp_dtype,
                           "--output_path", str(tmp)]
         if recipe.nodes_to_exclude:
@@ -151,6 +230,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not tmp.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
+        raised = raise_fp16_weight_scales(tmp) if hp_dtype == "fp16" else []
         counts = node_counts(tmp)
     import modelopt
 
@@ -158,7 +238,8 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         "recipe": recipe.name, "settings": recipe.settings("quantize"), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
-        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts})
+        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
+        "fp16_weight_scales_raised": raised})
     print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
     return out
 

@@ -21,7 +21,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from tools.common import REPO, UserError
 
 PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
-CALIBRATION_METHODS = ("entropy", "max")
+CALIBRATION_METHODS = ("entropy", "max", "mse", "percentile")
 STAGES = ("calib", "quantize", "engine")  # in pipeline order: a stage's key holds its own fields and the earlier ones
 QDQ, CALIBRATED = ("int8-qdq",), ("int8-qdq", "int8-implicit")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # recipe and profile names become file names
@@ -39,9 +39,10 @@ Regex = Annotated[StrictStr, AfterValidator(_regex)]
 Batch = Annotated[StrictInt, Field(ge=1, le=4096)]
 
 
-def shaped(stage: str, precisions: tuple[str, ...] = PRECISIONS, **kw):
-    """A field that shapes `stage`'s artifacts for `precisions` (and so belongs to their cache keys)."""
-    return Field(json_schema_extra={"stage": stage, "precisions": precisions}, **kw)
+def shaped(stage: str, precisions: tuple[str, ...] = PRECISIONS, when: tuple[str, str] | None = None, **kw):
+    """A field that shapes `stage`'s artifacts for `precisions` (and so belongs to their cache keys); `when`
+    (key, value): only while another field has that value."""
+    return Field(json_schema_extra={"stage": stage, "precisions": precisions, "when": when}, **kw)
 
 
 class Frozen(BaseModel):
@@ -107,6 +108,9 @@ class Recipe(Frozen):
     calib_seed: Annotated[StrictInt, Field(ge=0)] = shaped("calib", CALIBRATED, default=0)
     # --- ModelOpt ONNX PTQ (int8-qdq only) ------------------------------------------------------------------
     calibration_method: Literal[CALIBRATION_METHODS] = shaped("quantize", QDQ, default="entropy")
+    # percentile calibration: amax keeps this percentile of |x| per tensor (tools/calibrators.py)
+    calibration_percentile: Annotated[float, Field(gt=0, le=100)] = \
+        shaped("quantize", QDQ, when=("calibration_method", "percentile"), default=99.99)
     nodes_to_exclude: tuple[Regex, ...] = shaped("quantize", QDQ, default=())
     op_types_to_exclude: tuple[StrictStr, ...] = shaped("quantize", QDQ, default=())
     # what TensorRT 10 gets; 8.6 needs fp32 and 11 fp16 (tools/trt_plan.py)
@@ -143,7 +147,9 @@ class Recipe(Frozen):
         out = {}
         for name, f in type(self).model_fields.items():
             meta = f.json_schema_extra or {}
-            if meta and STAGES.index(meta["stage"]) <= STAGES.index(upto) and self.precision in meta["precisions"]:
+            if not meta or STAGES.index(meta["stage"]) > STAGES.index(upto) or self.precision not in meta["precisions"]:
+                continue
+            if meta["when"] is None or getattr(self, meta["when"][0]) == meta["when"][1]:
                 out[name] = _plain(getattr(self, name))
         return out
 
@@ -169,6 +175,7 @@ FIELDS = tuple(Recipe.model_fields)
 HINTS = {
     "precision": f"one of {', '.join(PRECISIONS)}",
     "calibration_method": f"one of {', '.join(CALIBRATION_METHODS)}",
+    "calibration_percentile": "a percentile in (0, 100], e.g. 99.99",
     "calib_images": "a whole number of images >= 1, e.g. 400",
     "builder_optimization_level": "a whole number 0..5 (TensorRT's default is 3), unquoted",
     "nodes_to_exclude": "a YAML list of node-name regexes, e.g. ['/model\\.10/.*attn.*']",
