@@ -100,7 +100,7 @@ accuracy: $(ENV)  ## COCO mAP of RECIPE's engines + polygraphy comparison agains
 	$(PIPELINE) engine,accuracy $(RECIPE) $(SETUP)
 
 profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16's, by YOLO block (CSV + plot)
-	$(PIPELINE) engine,bench,layers $(RECIPE) recipes/$(MODEL)/fp16.yaml $(SETUP)
+	$(PIPELINE) engine,layers $(RECIPE) recipes/$(MODEL)/fp16.yaml $(SETUP)
 	$(PY) -m tools.profile --recipes $(RECIPE) recipes/$(MODEL)/fp16.yaml --results "$(RESULTS)" \
 	    $(if $(PROFILES),--profiles $(PROFILES)) $(if $(OVERWRITE),--overwrite)
 

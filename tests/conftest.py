@@ -25,7 +25,8 @@ def _gpu_tensorrt() -> bool:
 requires_gpu = pytest.mark.skipif(not _gpu_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
 
 
-def run_tool(*args, cwd=REPO):
+def run_tool(*args, cwd=REPO, env=None):
     """Run a tool as a user would: python -m tools.X ...; returns CompletedProcess with text output."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=env)

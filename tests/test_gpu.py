@@ -64,3 +64,86 @@ def test_foreign_engine_is_refused(tmp_path):
     bogus.write_bytes(b"\x00" * 4096)
     res = run_tool("tools.trtexec_py", f"--loadEngine={bogus}", "--shapes=images:1x3x640x640")
     assert res.returncode == 2 and "cannot load this engine" in res.stderr and "Traceback" not in res.stderr
+
+
+def tiny_onnx(path):
+    """Two convolutions: an engine TensorRT builds in seconds, at any level."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+              for s, n in (((16, 3, 3, 3), "w1"), ((16, 16, 3, 3), "w2")))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 16, 64, 64])], [w1, w2])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_build_server_keeps_the_timing_cache_across_builds(tmp_path):
+    """Two builds through one server: the second finds the level's in-memory timing cache filled by the first."""
+    import os
+    import subprocess
+    import time
+
+    from tools.trtexec_py import build_on_server, stop_server
+
+    model, sock = tmp_path / "tiny.onnx", str(tmp_path / "s.sock")
+    tiny_onnx(model)
+    server = subprocess.Popen([sys.executable, "-m", "tools.trtexec_py", "--serve", sock])
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        logs = []
+        for i in (1, 2):
+            res = run_tool("tools.trtexec_py", f"--onnx={model}", f"--saveEngine={tmp_path / f'{i}.engine'}", "--fp16",
+                           "--builderOptimizationLevel=1", "--skipInference", env={"TRTEXEC_PY_SERVER": sock})
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            logs.append(res.stdout)
+        assert "build 1 of this process" in logs[0] and "build 2 of this process" in logs[1]
+        before = [int(l.split(": ")[1].split()[0]) for l in logs[1].splitlines() if "In-memory timing cache" in l]
+        assert before and before[0] > 0  # the first build's timings were there for the second
+        assert parse_file_text(logs[1])["build_s"] > 0 and (tmp_path / "2.engine").stat().st_size > 0
+    finally:
+        stop_server(sock)
+        server.wait(timeout=60)
+
+
+def parse_file_text(text):
+    from tools.trtlog import parse
+
+    return parse(text)
+
+
+def test_per_layer_profile_of_a_real_engine(engine, tmp_path):
+    from tools.profile import load
+
+    path, _ = engine
+    layers, prof = tmp_path / "l.json", tmp_path / "p.json"
+    res = run_tool("tools.trtexec_py", f"--loadEngine={path}", "--shapes=images:4x3x640x640", "--noDataTransfers",
+                   "--separateProfileRun", "--dumpProfile", f"--exportProfile={prof}", f"--exportLayerInfo={layers}",
+                   "--duration=0.3", "--warmUp=100")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = load(layers, prof)
+    kinds = {r["kind"] for r in rows}
+    assert "conv" in kinds and sum(r["ms"] for r in rows) > 0.05
+    assert all(r["block"] for r in rows if r["ms"] > 0)
+
+
+def test_static_batch_engine_is_scored_with_a_padded_last_batch(tmp_path):
+    """A static batch-8 engine scores 30 images (the last batch of 6 padded) like ONNX Runtime does."""
+    from tools.evaluate import evaluate
+
+    path = tmp_path / "b8.engine"
+    res = run_tool("tools.trtexec_py", f"--onnx={MODEL}", f"--saveEngine={path}", "--fp16",
+                   "--minShapes=images:8x3x640x640", "--optShapes=images:8x3x640x640",
+                   "--maxShapes=images:8x3x640x640", "--builderOptimizationLevel=0", "--skipInference")
+    assert res.returncode == 0, res.stderr[-3000:]
+    trt = evaluate(path, MINI, batch=8, limit=30, workers=4)
+    ort = evaluate(MODEL, MINI, batch=8, limit=30, workers=4)
+    assert trt["images"] == 30 and abs(trt["map50_95"] - ort["map50_95"]) < 0.01, (trt, ort)

@@ -263,8 +263,9 @@ class Runner:
     """Runs points' GPU stages as pipeline processes on the GPUs (or in this process where there is no GPU list, as
     the tests' fake runners do), and keeps the table current after every job."""
 
-    def __init__(self, grid: Grid, setup: Setup, gpus: list[str], jobs_per_gpu: int, publish):
+    def __init__(self, grid: Grid, setup: Setup, gpus: list[str], jobs_per_gpu: int, publish, layers=()):
         self.grid, self.setup, self.gpus, self.jobs_per_gpu, self.publish = grid, setup, gpus, jobs_per_gpu, publish
+        self.layers = set(layers)  # recipes whose final-level engines also get a per-layer profile
         self.layout = setup.layout(grid.model)
         self.servers = {}  # GPU -> socket of its trtexec_py build server
 
@@ -339,8 +340,10 @@ class Runner:
             by_chain[name] = (recipe, profile)
             kind = "int8" if recipe.calibrated else "fp16"
             affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
+            mine = stages + (("layers",) if recipe.name in self.layers and
+                             recipe.builder_optimization_level == self.grid.base.builder_optimization_level else ())
             chains.append([Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy")
-                           for s in stages])
+                           for s in mine])
         records = {}
 
         def done(job: Job, gpu: str, error) -> None:
@@ -348,12 +351,13 @@ class Runner:
                 log(f"  {job.chain}: {job.stage} FAILED on GPU {gpu}: {error}")
                 return
             log(f"  {job.chain}: {job.stage} done on GPU {gpu}")
-            if job.stage == stages[-1]:
+            if job.stage == chains_by_name[job.chain][-1].stage:
                 rec = self.record_of(job)
                 if has_all_stages(rec):
                     records[job.chain] = rec
                     self.publish(list(records.values()))
 
+        chains_by_name = {c[0].chain: c for c in chains}
         with self.build_servers():
             failures = run_chains(chains, self.gpus, lambda job, gpu: self.launch(job, gpu, *by_chain[job.chain]),
                                   self.jobs_per_gpu, done, stop_after)
@@ -457,6 +461,8 @@ def main(argv=None):
     ap.add_argument("--jobs-per-gpu", type=int, default=1,
                     help="builds/accuracy runs side by side on one GPU (timings always run alone)")
     ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine")
+    ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
+                                     "profile (the `layers` stage of `make profile`), e.g. fp16,int8-qdq")
     add_setup_args(ap)
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
@@ -493,11 +499,20 @@ def main(argv=None):
                 "final_level": grid.base.builder_optimization_level,
                 "run_seconds": runs, "seconds": sum(runs)})
 
-    runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish)
-    records, failures = run_sweep(grid, grid_setup(grid, setup), stages,
-                                  lambda pairs, gpu_stages, stop: runner.run(shard(pairs, args.shard), gpu_stages,
-                                                                              stop, print),
-                                  args.stop_after, args.only.split(",") if args.only else None)
+    runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish,
+                    args.layers.split(",") if args.layers else ())
+    deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
+
+    def run_points(pairs, gpu_stages, _):
+        """Every phase shares the one --stop-after clock; a phase that would start after it does not start."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return [], {f"{r.name}.L{r.builder_optimization_level}.{p}": "not started: --stop-after had passed"
+                        for r, p in pairs}
+        return runner.run(shard(pairs, args.shard), gpu_stages, left, print)
+
+    records, failures = run_sweep(grid, grid_setup(grid, setup), stages, run_points, args.stop_after,
+                                  args.only.split(",") if args.only else None)
     publish(records, complete=not failures, failures=failures)
     if records:
         print(f"wrote {layout.out / 'sweep.csv'}: {len(records)} engines")
