@@ -93,3 +93,18 @@ def test_builds_of_one_kind_stay_on_the_gpu_that_built_that_kind():
 def test_no_gpu_is_an_error():
     with pytest.raises(ValueError):
         run_chains([[Job("p", "engine")]], [], lambda job, gpu: None)
+
+
+def test_chains_added_when_a_chain_ends_join_the_queue():
+    """A sweep adds its front once the screening is done: new chains from on_done run like the others."""
+    seen = []
+
+    def on_done(job, gpu, error):
+        seen.append(job.chain)
+        if job.chain == "p0":
+            return [[Job("late", "engine"), Job("late", "bench", True)]]
+        return None
+
+    failures = run_chains([[Job("p0", "engine")], [Job("p1", "engine")]], ["0", "1"],
+                          lambda job, gpu: time.sleep(0.02), on_done=on_done)
+    assert not failures and seen.count("late") == 2 and seen.index("late") > seen.index("p0")

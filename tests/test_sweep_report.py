@@ -103,9 +103,14 @@ def test_screening_then_front_and_references_at_the_final_level(tmp_path):
                 "qdq-entropy-n400-x-none": 0.30}
     calls = []
 
-    def runner(pairs, stages, stop_after):
+    def runner(pairs, stages, stop_after, then=None):
+        """Like Runner.run: the records of `pairs`, then `then` on the screening ones, whose points run too."""
         calls.append(sorted({(r.name, r.builder_optimization_level) for r, _ in pairs}))
-        return [fake_record(r, p, speed[r.name], accuracy[r.name]) for r, p in pairs], {}
+        done = [fake_record(r, p, speed[r.name], accuracy[r.name]) for r, p in pairs]
+        more = then(done) if then else []
+        if more:
+            calls.append(sorted({(r.name, r.builder_optimization_level) for r, _ in more}))
+        return done + [fake_record(r, p, speed[r.name], accuracy[r.name]) for r, p in more], {}
 
     records, failures = run_sweep(grid, setup(tmp_path), ("engine", "bench", "accuracy"), runner)
     # first the references at their own level 3 and every configuration at the screening level 1 ...
@@ -194,3 +199,29 @@ def test_report_end_to_end_from_records(tmp_path):
     assert (layout.out / "pareto_latency.png").stat().st_size > 10_000
     rebuild_table(grid, layout, setup(tmp_path))  # the table again from the records alone
     assert len(json.loads((layout.out / "sweep.json").read_text())["rows"]) == len(records)
+
+
+def test_runner_adds_the_front_once_the_screening_is_done(tmp_path, monkeypatch):
+    """The Runner's own bookkeeping with a fake launcher: every screening chain ends before the front is asked for,
+    the front's chains run on the GPUs, and each chain's record is read after its last job."""
+    from tools.sweep import Runner
+
+    grid = load_grid(write_grid(tmp_path, screen={"builder_optimization_level": 1, "front_max": 1}), REPO)
+    s = setup(tmp_path)
+    runner = Runner(grid, s, ["0", "1"], 1, lambda records: None)
+    ran, asked = [], []
+    monkeypatch.setattr(Runner, "launch", lambda self, job, gpu, recipe, profile: ran.append((job.chain, job.stage)))
+    monkeypatch.setattr(Runner, "record_of", lambda self, job: fake_record(
+        *next((r, p) for r, p in pairs if f"{r.name}.L{r.builder_optimization_level}.{p}" == job.chain), 1.0, 0.37))
+    screen = [(r.replace(builder_optimization_level=1), p) for r in expand(grid) for p in ("b1",)]
+    late = [(expand(grid)[2], "b1")]
+    pairs = screen + late
+
+    def then(records):
+        asked.append(len(records))
+        return late
+
+    records, failures = runner.run(screen, ("engine", "bench", "accuracy"), None, lambda line: None, then)
+    assert not failures and asked == [len(screen)] and len(records) == len(screen) + 1
+    last_screen = max(i for i, (c, st) in enumerate(ran) if c.endswith(".L1.b1") and st == "accuracy")
+    assert ran.index((f"{late[0][0].name}.L3.b1", "engine")) > last_screen

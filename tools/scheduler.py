@@ -41,9 +41,10 @@ class ChainFailed(Exception):
 
 
 def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, str], None], shared_per_gpu: int = 1,
-               on_done: Callable[[Job, str, BaseException | None], None] = lambda job, gpu, error: None,
+               on_done: Callable[[Job, str, BaseException | None], list | None] = lambda job, gpu, error: None,
                stop_after: float | None = None) -> dict[str, str]:
-    """Run every chain; `launch(job, gpu)` runs one job to its end (raising on failure). Returns {chain: error} for
+    """Run every chain; `launch(job, gpu)` runs one job to its end (raising on failure); `on_done` may return new
+    chains, which join the queue (a sweep adds its front once the screening is done). Returns {chain: error} for
     chains that failed (their later jobs are skipped) or were never started because `stop_after` seconds had passed
     (a bounded run ends between points; the next run resumes from the records)."""
     if not gpus:
@@ -67,7 +68,9 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
             if error is not None:
                 failures[job.chain] = str(error) or type(error).__name__
                 todo.pop(job.chain, None)
-            on_done(job, gpu.name, error)
+            for chain in on_done(job, gpu.name, error) or ():
+                todo[chain[0].chain] = list(chain)
+                order.append(chain[0].chain)
             lock.notify_all()
 
     def start(job: Job, gpu: Gpu):

@@ -332,34 +332,52 @@ class Runner:
         paths = [line.split("record: ", 1)[1] for line in log.read_text().splitlines() if line.startswith("record: ")]
         return read_json(paths[-1]) if paths else None
 
-    def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log) -> tuple[list[dict], dict]:
-        """Run `stages` of every (recipe, profile); returns the complete records and {point: error}."""
-        chains, by_chain = [], {}
-        for recipe, profile in points:
-            name = f"{recipe.name}.L{recipe.builder_optimization_level}.{profile}"
-            by_chain[name] = (recipe, profile)
-            kind = "int8" if recipe.calibrated else "fp16"
-            affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
-            mine = stages + (("layers",) if recipe.name in self.layers and
-                             recipe.builder_optimization_level == self.grid.base.builder_optimization_level else ())
-            chains.append([Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy")
-                           for s in mine])
-        records = {}
+    def chain(self, recipe: Recipe, profile: str, stages) -> list[Job]:
+        name = f"{recipe.name}.L{recipe.builder_optimization_level}.{profile}"
+        kind = "int8" if recipe.calibrated else "fp16"
+        affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
+        mine = stages + (("layers",) if recipe.name in self.layers and
+                         recipe.builder_optimization_level == self.grid.base.builder_optimization_level else ())
+        return [Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy") for s in mine]
 
-        def done(job: Job, gpu: str, error) -> None:
+    def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log, then=None) -> tuple[list[dict], dict]:
+        """Run `stages` of every (recipe, profile); `then(records)` is called with the records of these points once
+        all of them are done and returns more points to run (the front at the final level). Returns the complete
+        records and {point: error}."""
+        by_chain, chains = {}, []
+
+        def add(pairs) -> list[list[Job]]:
+            new = []
+            for recipe, profile in pairs:
+                c = self.chain(recipe, profile, stages)
+                by_chain[c[0].chain] = (recipe, profile, c)
+                new.append(c)
+            return new
+
+        chains = add(points)
+        first = {c[0].chain for c in chains}
+        follow = [then] if then else []  # asked once, when every first chain has ended
+        records, settled = {}, set()
+
+        def done(job: Job, gpu: str, error) -> list | None:
+            chain = by_chain[job.chain][2]
             if error is not None:
                 log(f"  {job.chain}: {job.stage} FAILED on GPU {gpu}: {error}")
-                return
-            log(f"  {job.chain}: {job.stage} done on GPU {gpu}")
-            if job.stage == chains_by_name[job.chain][-1].stage:
-                rec = self.record_of(job)
-                if has_all_stages(rec):
-                    records[job.chain] = rec
-                    self.publish(list(records.values()))
+            else:
+                log(f"  {job.chain}: {job.stage} done on GPU {gpu}")
+                if job.stage == chain[-1].stage:
+                    rec = self.record_of(job)
+                    if has_all_stages(rec):
+                        records[job.chain] = rec
+                        self.publish(list(records.values()))
+            if error is not None or job.stage == chain[-1].stage:
+                settled.add(job.chain)
+                if follow and first <= settled:
+                    return add(follow.pop()([records[c] for c in first if c in records]))
+            return None
 
-        chains_by_name = {c[0].chain: c for c in chains}
         with self.build_servers():
-            failures = run_chains(chains, self.gpus, lambda job, gpu: self.launch(job, gpu, *by_chain[job.chain]),
+            failures = run_chains(chains, self.gpus, lambda job, gpu: self.launch(job, gpu, *by_chain[job.chain][:2]),
                                   self.jobs_per_gpu, done, stop_after)
         return list(records.values()), failures
 
@@ -393,17 +411,18 @@ def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=No
     if grid.screen is None:
         records, failed = runner(pairs(points), gpu, stop_after)
         return records, {**failures, **failed}
-    # the references' final-level engines do not wait for the screening: longest builds first, the screening after
+    # the references' final-level engines start with the screening (longest builds first); once every screening
+    # point is done, the front joins the queue at the final level, while the references may still be building
     final = [r for r in points if r.name in refs or r.precision == "fp16"]
-    records, failed = runner(pairs(final) + pairs([screened(r, grid.screen) for r in points]), gpu, stop_after)
-    failures.update(failed)
-    screen_level = grid.screen.builder_optimization_level
-    best = front(sweep_rows([r for r in records if r["level"] == screen_level], grid), grid.screen.front_max)
-    more = [r for r in points if r.name in best and r not in final]
-    if more and not failed:
-        added, failed = runner(pairs(more), gpu, stop_after)
-        records, failures = records + added, {**failures, **failed}
-    return records, failures
+    level = grid.screen.builder_optimization_level
+
+    def front_points(done: list[dict]) -> list:
+        best = front(sweep_rows([r for r in done if r["level"] == level], grid), grid.screen.front_max)
+        return pairs([r for r in points if r.name in best and r not in final])
+
+    records, failed = runner(pairs(final) + pairs([screened(r, grid.screen) for r in points]), gpu, stop_after,
+                             front_points)
+    return records, {**failures, **failed}
 
 
 def visible_gpus() -> list[str]:
@@ -501,15 +520,9 @@ def main(argv=None):
 
     runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish,
                     args.layers.split(",") if args.layers else ())
-    deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
 
-    def run_points(pairs, gpu_stages, _):
-        """Every phase shares the one --stop-after clock; a phase that would start after it does not start."""
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            return [], {f"{r.name}.L{r.builder_optimization_level}.{p}": "not started: --stop-after had passed"
-                        for r, p in pairs}
-        return runner.run(shard(pairs, args.shard), gpu_stages, left, print)
+    def run_points(pairs, gpu_stages, stop_after, then=None):
+        return runner.run(shard(pairs, args.shard), gpu_stages, stop_after, print, then)
 
     records, failures = run_sweep(grid, grid_setup(grid, setup), stages, run_points, args.stop_after,
                                   args.only.split(",") if args.only else None)
