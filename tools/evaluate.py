@@ -92,14 +92,41 @@ def make_backend(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init():
-    """Workers leave the run's signals to the parent, which ends the pool: a worker killed by Ctrl-C or by a SIGTERM
-    to the whole process group (`timeout`, `kill -- -PGID`) while it holds the pool's queue lock, or halfway through
-    sending a result, hangs Pool.terminate() for good. In a process group of their own, those signals never reach
-    them; if the parent dies, an idle worker reads end-of-file and exits. SIGTERM goes back to its default, which
-    Pool.terminate() relies on (the parent's handler would print a traceback here)."""
+    """Workers leave the run's signals to the parent: in a process group of their own, Ctrl-C and a SIGTERM to the
+    whole group (`timeout`, `kill -- -PGID`) never reach them, so none dies halfway through a task or while holding
+    the pool's queue locks; if the parent itself dies, an idle worker reads end-of-file and exits. SIGTERM sent to a
+    worker alone gets its default back (the parent's handler would print a traceback here)."""
     os.setpgrp()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A fork pool for preprocessing and NMS (None for one worker). However the block ends (done, an error, Ctrl-C,
+    SIGTERM) the pool is closed and joined: the workers finish what was queued (at most one batch) and exit.
+    Pool.terminate() kills them instead, and then hangs for good if one dies holding the result queue's lock, as one
+    halfway through sending a preprocessed image does."""
+    if workers <= 1:
+        yield None
+        return
+    # a signal inside Pool() would leave a half-built pool that nothing ends (its thread keeps forking workers and
+    # the exit waits on them): Ctrl-C and SIGTERM are held until it is built, and the forked workers inherit that
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+    pool = None
+    try:
+        pool = mp.get_context("fork").Pool(workers, _worker_init)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        yield pool
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pool is not None:
+            pool.close()
+            pool.join()
 
 
 def _preprocess(args):
@@ -251,8 +278,7 @@ def evaluate(model, image_dir, annotations=None, batch=32, imgsz=640, limit=None
     coco, files, exact = load_ground_truth(image_dir, annotations)
     files = files[:limit] if limit else files
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    ctx = mp.get_context("fork")
-    with (ctx.Pool(workers, _worker_init) if workers > 1 else contextlib.nullcontext()) as pool:
+    with worker_pool(workers) as pool:
         backend = make_backend(model)  # after the fork: workers never touch CUDA
         dets = predict(backend, files, imgsz, batch, pool=pool, prep_cache=prep_cache)
         getattr(backend, "close", lambda: None)()
