@@ -99,7 +99,8 @@ def atomic_path(path: str | os.PathLike):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     except OSError as e:
-        raise UserError(f"{path}: cannot be written ({e.strerror}); pass a path in a writable folder") from None
+        raise UserError(f"{path}: cannot be written ({e.strerror}: {e.filename}); pass a path in a writable "
+                        f"folder") from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users
     try:

@@ -83,6 +83,8 @@ class TrtBackend:
 
 
 def make_backend(model):
+    if not Path(model).is_file():
+        raise UserError(f"{model}: no such model; pass a .onnx model or an engine built by make engine")
     suffix = Path(model).suffix
     if suffix == ".onnx":
         return OnnxrtBackend(model)
