@@ -4,13 +4,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CALIB, MINI, MODEL, REPO, run_tool, start_tool
+from conftest import CALIB, MINI, MODEL, REPO, run_tool, start_tool, tool_env
 
 from tools.common import UserError, sha256_file
 
@@ -68,6 +69,40 @@ def test_modelopt_never_touches_the_users_onnx(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert f"--onnx_path {user} " in meta["command"]  # the record names the user's model, not the copy
     assert f"--output_path {out.relative_to(root)} " in meta["command"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_during_modelopt_leaves_the_model_alone(tmp_path):
+    """The incident: one SIGTERM while ModelOpt ran left the committed model at 0 bytes."""
+    user = tmp_path / "yolo11n.onnx"
+    shutil.copy(MODEL, user)
+    before = sha256_file(user), user.stat().st_mtime_ns
+    root = tmp_path / "root"
+    quantize_run = (f"from pathlib import Path; from tools.common import run_main; from tools.quantize import quantize; "
+                    f"from tools.recipe import load; run_main(lambda argv: quantize(load({str(REPO / 'recipes/yolo11n/int8-qdq.yaml')!r})"
+                    f".replace(calib_images=4, onnx={str(user)!r}), '8.6', {str(CALIB)!r}, root=Path({str(root)!r})))")
+    proc = subprocess.Popen([sys.executable, "-c", quantize_run], cwd=REPO, env=tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    logs = root / "logs" / "yolo11n"
+    modelopt = []
+    try:
+        deadline = time.monotonic() + 120
+        # ModelOpt logs this line, then rewrites the model it was given in place (onnx.shape_inference)
+        while proc.poll() is None and time.monotonic() < deadline and not any(
+                "Preprocessing the model" in f.read_text() for f in (logs.iterdir() if logs.is_dir() else [])):
+            time.sleep(0.05)
+        modelopt = _children(proc.pid)
+        assert modelopt, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        for pid in [proc.pid, *modelopt]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 143 and stderr.strip() == "interrupted", stderr
+    assert not any(map(_running, modelopt))  # ModelOpt stopped with it
+    assert (sha256_file(user), user.stat().st_mtime_ns) == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no scratch copy, no half-written output
 
 
 def test_damaged_calibration_tensor_named_before_modelopt(tmp_path):
@@ -321,6 +356,8 @@ def test_not_a_detector_one_line(tmp_path):
     onnx.save(model, tmp_path / "identity.onnx")
     one_line_error(run_tool("tools.evaluate", str(tmp_path / "identity.onnx"), "--images", str(MINI), "--limit", "2"),
                    "identity.onnx", "not a COCO YOLO detector")
+    one_line_error(run_tool("tools.evaluate", str(tmp_path / "none.onnx"), "--images", str(MINI)),
+                   "none.onnx: no such model")
     (tmp_path / "text.onnx").write_text("not a model\n")
     one_line_error(run_tool("tools.evaluate", str(tmp_path / "text.onnx"), "--images", str(MINI), "--limit", "2"),
                    "text.onnx", "cannot load it")
@@ -330,7 +367,7 @@ def test_output_path_that_is_a_folder(tmp_path):
     one_line_error(run_tool("tools.calib", str(CALIB), "-o", str(tmp_path), "-n", "1"), str(tmp_path), "is a folder")
     (tmp_path / "file").write_text("")
     one_line_error(run_tool("tools.calib", str(CALIB), "-o", str(tmp_path / "file" / "x.npy"), "-n", "1"),
-                   "cannot be written")
+                   "cannot be written (File exists: " + str(tmp_path / "file"))
 
 
 def test_calibration_tensor_checked(tmp_path):
