@@ -25,8 +25,18 @@ def _gpu_tensorrt() -> bool:
 requires_gpu = pytest.mark.skipif(not _gpu_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
 
 
-def run_tool(*args, cwd=REPO, env=None):
+def tool_env(**extra):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **extra}
+
+
+def run_tool(*args, cwd=REPO, **env):
     """Run a tool as a user would: python -m tools.X ...; returns CompletedProcess with text output."""
-    env = {**os.environ, **(env or {}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=tool_env(**env))
+
+
+def start_tool(*args, cwd=REPO):
+    """Start a tool in a process group of its own, as a shell starts a job: os.killpg(p.pid, ...) then signals it the
+    way Ctrl-C or `timeout` do (the tool and every process it forked)."""
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=tool_env(), start_new_session=True)

@@ -102,7 +102,7 @@ def test_build_server_keeps_the_timing_cache_across_builds(tmp_path):
         logs = []
         for i in (1, 2):
             res = run_tool("tools.trtexec_py", f"--onnx={model}", f"--saveEngine={tmp_path / f'{i}.engine'}", "--fp16",
-                           "--builderOptimizationLevel=1", "--skipInference", env={"TRTEXEC_PY_SERVER": sock})
+                           "--builderOptimizationLevel=1", "--skipInference", TRTEXEC_PY_SERVER=sock)
             assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
             logs.append(res.stdout)
         assert "build 1 of this process" in logs[0] and "build 2 of this process" in logs[1]

@@ -135,8 +135,9 @@ def test_setup_round_trips_through_job_flags(tmp_path):
     assert pipeline.setup_from_args(ap.parse_args(pipeline.setup_to_args(s))) == s
 
 
-@pytest.mark.parametrize("flags,expected", [(["--eval-limit", "0"], "must be > 0"), (["--duration", "-1"], "> 0"),
-                                            (["--calib-images", "abc"], "not a number")])
+@pytest.mark.parametrize("flags,expected", [(["--eval-limit", "0"], "must be 1 or more"),
+                                            (["--duration", "-1"], "must be above 0"),
+                                            (["--calib-images", "abc"], "not 'abc'")])
 def test_bad_numbers_are_refused_by_the_flag(flags, expected, capsys):
     ap = argparse.ArgumentParser()
     pipeline.add_setup_args(ap)

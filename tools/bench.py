@@ -10,7 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from tools.common import UserError, run_main, write_text
+from tools.common import UserError, default_trtexec, run_main, write_text
 from tools.engine import run_logged, shape
 from tools.trtlog import parse_file, to_csv
 
@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("engine")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--imgsz", type=int, default=640)
-    ap.add_argument("--trtexec", default="trtexec")
+    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
     ap.add_argument("--warmup-ms", type=int, default=500)
     ap.add_argument("--duration", type=float, default=3.0)
@@ -62,7 +62,8 @@ def main(argv=None):
     ap.add_argument("-o", "--output", help="CSV to write")
     args = ap.parse_args(argv)
     prefix = args.log_prefix or f"logs/{Path(args.engine).stem}"
-    rows = bench(args.engine, shlex.split(args.trtexec), prefix, [int(b) for b in args.batches.split(",")],
+    trtexec = shlex.split(args.trtexec) if args.trtexec else list(default_trtexec())
+    rows = bench(args.engine, trtexec, prefix, [int(b) for b in args.batches.split(",")],
                  args.imgsz, (False,) if args.no_graphs else (False, True), args.warmup_ms, args.duration)
     text = to_csv(rows)
     write_text(args.output, text) if args.output else print(text, end="")

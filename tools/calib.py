@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import UserError, atomic_path, list_images, preprocess, run_main, sha256_file, to_input, write_json
+from tools.common import UserError, atomic_path, image_size, list_images, non_negative_int, positive_int, preprocess, \
+    run_main, sha256_file, to_input, write_json
 
 
 def select_images(files: list[Path], count: int, seed: int) -> list[Path]:
@@ -49,13 +50,28 @@ def build_calibration(image_dir, out, count: int, seed: int = 0, size: int = 640
     return info
 
 
+def check_calibration(npy, imgsz: int) -> None:
+    """A damaged or foreign tensor fails deep inside ModelOpt (or calibrates on the wrong input): name it instead.
+    Reads only the header (memory-mapped)."""
+    try:
+        x = np.load(npy, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        reason = str(e).split(". ")[0]
+        raise UserError(f"{npy}: not a readable .npy ({reason}); delete it and run again to rebuild it") from None
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == (3, imgsz, imgsz)
+            and len(x)):
+        found = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else "an .npz archive"
+        raise UserError(f"{npy}: holds {found}, not a float32 N x 3 x {imgsz} x {imgsz} calibration tensor; delete "
+                        f"it and run again to rebuild it")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.calib", description=__doc__)
     ap.add_argument("images", help="folder of calibration images (never evaluation images)")
     ap.add_argument("-o", "--output", required=True, help="output .npy (a .json sidecar is written beside it)")
-    ap.add_argument("-n", "--count", type=int, required=True, help="number of images to draw")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("-n", "--count", type=positive_int, required=True, help="number of images to draw")
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--imgsz", type=image_size, default=640)
     ap.add_argument("--eval-dir", help="evaluation image folder to check for overlap")
     args = ap.parse_args(argv)
     info = build_calibration(args.images, args.output, args.count, args.seed, args.imgsz, args.eval_dir)

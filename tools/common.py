@@ -5,10 +5,13 @@ Preprocessing and NMS follow ultralytics' validation exactly (see ../shared/STYL
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -24,16 +27,75 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line (naming the file and the fix), exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal turned into an exception, so `finally` blocks and context managers clean up (temporary
+    files, worker pools, child processes) as they do on Ctrl-C. args[0] is the signal number."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def run_main(main):
-    """Run a tool's main(argv): user errors become one line on stderr and exit status 2, never a traceback."""
+    """Run a tool's main(argv): user errors become one line on stderr and exit status 2, never a traceback;
+    Ctrl-C and SIGTERM print "interrupted" and exit 128 + the signal number (130 / 143), as a shell reports them."""
+    # SIGTERM's default action kills at once: no cleanup, forked workers orphaned, temporary files left behind
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         sys.exit(main(sys.argv[1:]) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (e.args[0] if isinstance(e, Interrupted) else signal.SIGINT))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command lines
+def _int_at_least(text: str, least: int) -> int:
+    # ArgumentTypeError (not ValueError) makes argparse print our reason, after the flag's name
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {least} or more, not {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for seeds."""
+    return _int_at_least(text, 0)
+
+
+def positive_number(text: str) -> float:
+    """argparse type for durations and other amounts above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def image_size(text: str) -> int:
+    """argparse type for --imgsz: YOLO's strides need a multiple of 32."""
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (YOLO's largest stride), not {value}")
+    return value
+
+
+def default_trtexec() -> tuple[str, ...]:
+    """NVIDIA's trtexec where it is on PATH, else our fallback that takes the same flags."""
+    return ("trtexec",) if shutil.which("trtexec") else (sys.executable, "-m", "tools.trtexec_py")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,8 +104,14 @@ def run_main(main):
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be written ({e.strerror}: {e.filename}); pass a path in a writable "
+                        f"folder") from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users
     try:

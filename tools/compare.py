@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import UserError, atomic_path, list_images, preprocess, run_main, to_input, write_json
+from tools.common import UserError, atomic_path, list_images, positive_int, preprocess, run_main, to_input, write_json
 
 
 def default_polygraphy() -> list[str]:
@@ -56,7 +56,11 @@ def parse_report(text: str) -> dict:
 
 
 def run_logged_text(cmd: list[str], log) -> tuple[int, str]:
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError:
+        raise UserError(f"{cmd[0]}: no such command; install Polygraphy or name another with --polygraphy "
+                        f"(make: POLYGRAPHY=), e.g. 'python -m tools.polygraphy_cli'") from None
     with atomic_path(log) as tmp:
         tmp.write_text(f"# {shlex.join(cmd)}\n{res.stdout}")
     return res.returncode, res.stdout
@@ -65,6 +69,11 @@ def run_logged_text(cmd: list[str], log) -> tuple[int, str]:
 def compare(engine, onnx_model, image_dir, work_dir, count=4, atol=0.5, rtol=0.05, polygraphy=None, imgsz=640,
             reference=None) -> dict:
     """`reference`: the ONNX Runtime outputs of an earlier call on the same images (reused: one per model)."""
+    # Polygraphy's inputs and ONNX Runtime outputs are tens of MB: write them only for a comparison that can run
+    if not Path(engine).is_file():
+        raise UserError(f"{engine}: no such engine; build it first (make engine)")
+    if not Path(onnx_model).is_file():
+        raise UserError(f"{onnx_model}: no such ONNX model; pass the FP32 model to --onnx")
     polygraphy = polygraphy or default_polygraphy()
     work_dir = Path(work_dir)
     inputs = work_dir / f"inputs-{count}.json"
@@ -92,7 +101,7 @@ def main(argv=None):
     ap.add_argument("engine")
     ap.add_argument("--onnx", required=True, help="FP32 ONNX reference")
     ap.add_argument("--images", required=True)
-    ap.add_argument("-n", "--count", type=int, default=4)
+    ap.add_argument("-n", "--count", type=positive_int, default=4)
     ap.add_argument("--atol", type=float, default=0.5)
     ap.add_argument("--rtol", type=float, default=0.05)
     ap.add_argument("--work-dir", default="logs/compare")

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tools.common import UserError, atomic_path, run_main
+from tools.common import UserError, atomic_path, default_trtexec, run_main
 from tools.recipe import Profile, Recipe, load
 from tools.trt_plan import Plan, detect_version, plan
 
@@ -110,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--log", required=True)
     ap.add_argument("--profile", help="the recipe's deployment profile to build (default: its first)")
     ap.add_argument("--trt", default=None, help="TensorRT version (default: the installed one)")
-    ap.add_argument("--trtexec", default="trtexec", help="trtexec command (default: trtexec)")
+    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
     ap.add_argument("--timing-cache")
     ap.add_argument("--calib-cache")
     ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")
@@ -120,7 +120,7 @@ def main(argv=None):
     if profile not in recipe.profiles:
         raise UserError(f"{args.recipe}: has no profile {profile!r}; its profiles are {', '.join(recipe.profiles)}")
     p = plan(recipe, args.trt or detect_version())
-    trtexec = shlex.split(args.trtexec)
+    trtexec = shlex.split(args.trtexec) if args.trtexec else list(default_trtexec())
     if args.print_only:
         precisions = resolve_layer_precisions(recipe, onnx_nodes(args.onnx)) if p.layer_precisions else {}
         print(shlex.join(trtexec + build_args(recipe, profile, p, args.onnx, args.engine, args.timing_cache,

@@ -12,14 +12,16 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 
-from tools.common import COCO80_TO_91, UserError, list_images, postprocess, preprocess, run_main, scale_boxes, \
-    to_input, write_json
+from tools.common import COCO80_TO_91, UserError, image_size, list_images, positive_int, postprocess, preprocess, \
+    run_main, scale_boxes, to_input, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,11 +41,21 @@ class OnnxrtBackend:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         except Exception as e:  # ORT raises its own InvalidGraph/Fail/NoSuchFile types
             raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
+        check_detector(onnx_path, self.session)
         self.input = self.session.get_inputs()[0].name
         self.name = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
 
     def infer(self, x):
         return self.session.run(None, {self.input: x})[0]
+
+
+def check_detector(onnx_path, session) -> None:
+    """Any other model would fail deep in decoding, or be scored against the wrong classes."""
+    (i, *_), (o, *_) = session.get_inputs(), session.get_outputs()
+    rows = 4 + len(COCO80_TO_91)
+    if len(i.shape) != 4 or len(o.shape) != 3 or (isinstance(o.shape[1], int) and o.shape[1] != rows):
+        raise UserError(f"{onnx_path}: input {i.shape} / output {o.shape} is not a COCO YOLO detector's "
+                        f"[N,3,H,W] -> [N,{rows},anchors]; pass a YOLO11 detection ONNX exported without NMS")
 
 
 class TrtBackend:
@@ -76,6 +88,8 @@ class TrtBackend:
 
 
 def make_backend(model):
+    if not Path(model).is_file():
+        raise UserError(f"{model}: no such model; pass a .onnx model or an engine built by make engine")
     suffix = Path(model).suffix
     if suffix == ".onnx":
         return OnnxrtBackend(model)
@@ -85,6 +99,43 @@ def make_backend(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _worker_init():
+    """Workers leave the run's signals to the parent: in a process group of their own, Ctrl-C and a SIGTERM to the
+    whole group (`timeout`, `kill -- -PGID`) never reach them, so none dies halfway through a task or while holding
+    the pool's queue locks; if the parent itself dies, an idle worker reads end-of-file and exits. SIGTERM sent to a
+    worker alone gets its default back (the parent's handler would print a traceback here)."""
+    os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A fork pool for preprocessing and NMS (None for one worker). However the block ends (done, an error, Ctrl-C,
+    SIGTERM) the pool is closed and joined: the workers finish what was queued (at most one batch) and exit.
+    Pool.terminate() kills them instead, and then hangs for good if one dies holding the result queue's lock, as one
+    halfway through sending a preprocessed image does."""
+    if workers <= 1:
+        yield None
+        return
+    # a signal inside Pool() would leave a half-built pool that nothing ends (its thread keeps forking workers and
+    # the exit waits on them): Ctrl-C and SIGTERM are held until it is built, and the forked workers inherit that
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+    pool = None
+    try:
+        pool = mp.get_context("fork").Pool(workers, _worker_init)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        yield pool
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
 def _preprocess(args):
     path, imgsz = args
     chw, meta = preprocess(path, imgsz)
@@ -150,26 +201,83 @@ def coco_map(coco_gt, detections, image_ids) -> dict:
     return {"images": len(image_ids), "map50_95": round(map50_95, 5), "map50": round(map50, 5)}
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_coco(data, annotations) -> None:
+    """faster-coco-eval trusts its input: a malformed file fails deep inside it, or is scored without a word
+    (no annotations: mAP -1; an unknown category: never matched). Name the first problem instead."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
+                                                                                      "categories")):
+        raise UserError(f"{annotations}: not a COCO instances file (needs 'images', 'annotations' and 'categories' "
+                        f"lists); pass one like instances_val2017.json")
+
+    def refuse(what):
+        raise UserError(f"{annotations}: {what}; fix or remove it (COCO instances format)")
+
+    for kind in ("images", "categories"):
+        for n, entry in enumerate(data[kind]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+                refuse(f"{kind}[{n}] has no integer id")
+    categories = {c["id"] for c in data["categories"]}
+    if not data["annotations"]:
+        raise UserError(f"{annotations}: holds no annotations, so there is nothing to score; pass the annotations "
+                        f"of these images")
+    for n, a in enumerate(data["annotations"]):
+        where = f"annotations[{n}]"
+        if not isinstance(a, dict) or not isinstance(a.get("id"), int):
+            refuse(f"{where} has no integer id")
+        if not isinstance(a.get("image_id"), int):
+            refuse(f"{where} has image_id {a.get('image_id')!r}, not an integer image id")
+        if a.get("category_id") not in categories:
+            refuse(f"{where} has category_id {a.get('category_id')!r}, which is not one of its categories")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_number, box)) and min(box[2:]) >= 0):
+            refuse(f"{where} has bbox {box!r}, not [x, y, width, height] with width and height >= 0")
+
+
+def find_annotations(image_dir, files) -> Path:
+    """<images>/annotations.json, else beside the images/ folder (the layout EVAL_DIR has, given its images/)."""
+    candidates = [Path(image_dir) / "annotations.json", files[0].parent.parent / "annotations.json"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise UserError(f"{candidates[-1]}: no such COCO annotations file; put annotations.json in the image "
+                        f"folder's parent or pass --annotations to python -m tools.evaluate (under make, EVAL_DIR "
+                        f"must hold images/ and annotations.json)")
+    return found
+
+
+def read_exact_ids(exact_file: Path) -> set[int]:
+    words = exact_file.read_text().split() if exact_file.is_file() else []
+    bad = next((w for w in words if not w.isdigit()), None)
+    if bad is not None:
+        raise UserError(f"{exact_file}: holds {bad!r}, not an image id; list the exact-annotation image ids, "
+                        f"one number per line")
+    return {int(w) for w in words}
+
+
 def load_ground_truth(image_dir, annotations=None):
     from faster_coco_eval import COCO
 
-    image_dir = Path(image_dir)
-    annotations = Path(annotations) if annotations else image_dir / "annotations.json"
-    if not annotations.is_file():
-        raise UserError(f"{annotations}: no COCO annotations file; pass --annotations path/to/instances.json")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(annotations))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{annotations}: not a COCO instances file ({type(e).__name__}: {e})") from None
     files = list_images(image_dir)
+    if annotations is None:
+        annotations = find_annotations(image_dir, files)
+    annotations = Path(annotations)
+    if not annotations.is_file():
+        raise UserError(f"{annotations}: no such annotations file; pass a COCO instances JSON to --annotations")
+    try:
+        data = json.loads(annotations.read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{annotations}: not JSON ({e}); pass a COCO instances file") from None
+    check_coco(data, annotations)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(data)
     missing = [p.name for p in files if not p.stem.isdigit() or int(p.stem) not in coco.imgs]
     if missing:
         raise UserError(f"{annotations}: has no entry for image {missing[0]} (and {len(missing) - 1} more); "
                         f"pass the annotations of this image folder")
-    exact_file = annotations.parent / "exact_ids.txt"
-    exact = {int(x) for x in exact_file.read_text().split()} if exact_file.is_file() else set()
-    return coco, files, exact
+    return coco, files, read_exact_ids(annotations.parent / "exact_ids.txt")
 
 
 def evaluate(model, image_dir, annotations=None, batch=32, imgsz=640, limit=None, workers=None,
@@ -177,8 +285,7 @@ def evaluate(model, image_dir, annotations=None, batch=32, imgsz=640, limit=None
     coco, files, exact = load_ground_truth(image_dir, annotations)
     files = files[:limit] if limit else files
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    ctx = mp.get_context("fork")
-    with (ctx.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+    with worker_pool(workers) as pool:
         backend = make_backend(model)  # after the fork: workers never touch CUDA
         dets = predict(backend, files, imgsz, batch, pool=pool, prep_cache=prep_cache)
         getattr(backend, "close", lambda: None)()
@@ -197,11 +304,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__)
     ap.add_argument("model", help=".onnx (ONNX Runtime) or .engine (TensorRT)")
     ap.add_argument("--images", required=True, help="folder of COCO images named by id (or its parent)")
-    ap.add_argument("--annotations", help="COCO instances JSON (default: <images>/annotations.json)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--imgsz", type=int, default=640)
-    ap.add_argument("--limit", type=int, help="only the first N images")
-    ap.add_argument("--workers", type=int, help="preprocessing/NMS processes")
+    ap.add_argument("--annotations", help="COCO instances JSON (default: annotations.json in <images>, else beside "
+                                          "its images/ folder)")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--imgsz", type=image_size, default=640)
+    ap.add_argument("--limit", type=positive_int, help="only the first N images")
+    ap.add_argument("--workers", type=positive_int, help="preprocessing/NMS processes (1: none, all in this one)")
     ap.add_argument("-o", "--output", help="JSON to write")
     args = ap.parse_args(argv)
     res = evaluate(args.model, args.images, args.annotations, args.batch, args.imgsz, args.limit, args.workers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from tools.common import REPO, UserError, run_main
+from tools.common import REPO, UserError, default_trtexec, non_negative_int, positive_int, positive_number, run_main
 from tools.records import Layout, Record, eval_set, file_digest, now_utc, read_json
 from tools.recipe import Recipe, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
@@ -53,10 +52,6 @@ def gpu_name() -> str:
         return out[0].strip() if out else "unknown GPU"
     except (OSError, subprocess.SubprocessError):
         return "unknown GPU"
-
-
-def default_trtexec() -> tuple[str, ...]:
-    return ("trtexec",) if shutil.which("trtexec") else (sys.executable, "-m", "tools.trtexec_py")
 
 
 @dataclass(frozen=True)
@@ -203,6 +198,7 @@ def autocast_fp16(point: Point) -> Path:
     from tools.calib import build_calibration
     from tools.common import atomic_path
     from tools.engine import run_logged
+    from tools.quantize import modelopt_scratch
 
     recipe, setup, layout = point.recipe, point.setup, point.layout
     source = point.model_onnx
@@ -215,12 +211,13 @@ def autocast_fp16(point: Point) -> Path:
         with atomic_path(image) as tmp:
             np.savez(tmp, images=np.load(image.with_suffix(".npy")))
     log = layout.logs / f"{out.stem}.log"
-    with atomic_path(out) as tmp:
-        cmd = [sys.executable, "-m", "modelopt.onnx.autocast", "--onnx_path", str(source), "--output_path", str(tmp),
-               "--low_precision_type", "fp16", "--calibration_data", str(image), "--keep_io_types"]
+    with modelopt_scratch(source, out) as (model, result):
+        cmd = [sys.executable, "-m", "modelopt.onnx.autocast", "--onnx_path", str(model), "--output_path",
+               str(result), "--low_precision_type", "fp16", "--calibration_data", str(image), "--keep_io_types"]
         rc, _ = run_logged(cmd, log)
-        if rc != 0 or not tmp.stat().st_size:
+        if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt AutoCast failed (exit {rc}); read the log's last lines")
+        os.replace(result, out)
     return out
 
 
@@ -468,18 +465,6 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return stages
 
 
-def positive(kind=int):
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
 def add_setup_args(ap: argparse.ArgumentParser) -> None:
     """The flags every driver (pipeline, sweep) shares, each spelled once and mapped onto Setup."""
     ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"), help="calibration images")
@@ -494,12 +479,12 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--polygraphy", help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
     ap.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="both",
                     help="time with CUDA graphs, without, or both (default)")
-    ap.add_argument("--duration", type=positive(float), default=3.0, help="seconds timed per (batch, graph) run")
-    ap.add_argument("--warmup-ms", type=positive(int), default=500)
-    ap.add_argument("--eval-limit", type=positive(int), help="score only the first N evaluation images")
-    ap.add_argument("--compare-images", type=int, default=4,
+    ap.add_argument("--duration", type=positive_number, default=3.0, help="seconds timed per (batch, graph) run")
+    ap.add_argument("--warmup-ms", type=positive_int, default=500)
+    ap.add_argument("--eval-limit", type=positive_int, help="score only the first N evaluation images")
+    ap.add_argument("--compare-images", type=non_negative_int, default=4,
                     help="real images for the Polygraphy comparison against ONNX Runtime (0: skip it)")
-    ap.add_argument("--calib-images", type=positive(int),
+    ap.add_argument("--calib-images", type=positive_int,
                     help="cap every recipe's calib_images (e.g. for a small folder); names follow the capped count")
 
 

@@ -13,18 +13,22 @@ flavour (high precision fp16) has its subnormal weight scales raised to FP16's s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from tools.calib import build_calibration, select_images
+from tools.calib import build_calibration, check_calibration, select_images
 from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
     save_histograms, scale_groups
-from tools.common import UserError, atomic_path, list_images, run_main, sha256_file, write_json, write_text
-from tools.engine import run_logged
+from tools.common import UserError, list_images, run_main, sha256_file, write_json, write_text
+from tools.engine import onnx_nodes, run_logged
 from tools.qdq_fp16 import clamp_weight_scales
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
@@ -35,7 +39,8 @@ MODELOPT = [sys.executable, "-m", "modelopt.onnx.quantization"]
 def model_digest(onnx_path) -> str:
     path = Path(onnx_path)
     if not path.is_file():
-        raise UserError(f"{path}: no such ONNX model; run `make export` or pass MODEL_ONNX=...")
+        raise UserError(f"{path}: no such ONNX model; export one there (make export PT=yolo11n.pt ONNX={path}) or "
+                        f"point the recipe's onnx: key at your model")
     return sha256_file(path)[:12]
 
 
@@ -103,6 +108,23 @@ def modelopt_method(method: str) -> str:
     return "max" if method in HISTOGRAM_METHODS else method
 
 
+@contextlib.contextmanager
+def modelopt_scratch(onnx_path, output: Path):
+    """ModelOpt rewrites its input ONNX in place (shape inference) and leaves intermediates beside its input and
+    output: one SIGTERM mid-run left the committed model at 0 bytes. So it only ever sees a private copy, in a
+    scratch folder beside `output` (same file system: the result moves into place by a rename) that goes away
+    however the run ends. Yields (the copy to pass as --onnx_path, the --output_path to give)."""
+    if not onnx_nodes(onnx_path):  # ModelOpt takes a while to fail on what is no model; 0 bytes parse as no graph
+        raise UserError(f"{onnx_path}: holds no ONNX graph; export the model again (make export PT=yolo11n.pt "
+                        f"ONNX={onnx_path})")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        copy = Path(scratch) / "input" / Path(onnx_path).name
+        copy.parent.mkdir()
+        shutil.copyfile(onnx_path, copy)
+        yield copy, Path(scratch) / output.name
+
+
 def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
     """Calibrate once per (model, images, method): ModelOpt's entropy or max, or our histogram methods (built on
     ModelOpt's max cache of the same images); returns the calibration cache."""
@@ -113,16 +135,19 @@ def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
     if recipe.calibration_method in HISTOGRAM_METHODS:
         return histogram_calibrate(recipe, cache, calib_dir, eval_dir, root)
     npy = calibration_npy(recipe, calib_dir, eval_dir, root)
+    check_calibration(npy, recipe.imgsz)
     log = root / "logs" / recipe.model / f"{cache.stem}.calibrate.log"
-    with atomic_path(cache.with_suffix(".full.onnx")) as full:
-        cmd = MODELOPT + ["--onnx_path", str(recipe.onnx_path), "--quantize_mode", "int8",
+    full = cache.with_suffix(".full.onnx")
+    with modelopt_scratch(recipe.onnx_path, full) as (model, result):
+        cmd = MODELOPT + ["--onnx_path", str(model), "--quantize_mode", "int8",
                           "--calibration_data_path", str(npy), "--calibration_method", recipe.calibration_method,
                           "--calibration_eps", *recipe.calibration_eps, "--high_precision_dtype", "fp32",
-                          "--output_path", str(full)]
+                          "--output_path", str(result)]
         rc, seconds = run_logged(cmd, log)
-        if rc != 0:
+        if rc != 0 or not result.is_file():
             raise UserError(f"{log}: ModelOpt calibration failed (exit {rc}); read the log's last lines")
-        write_text(cache, cache_text(activation_scales(full), recipe.calibration_method))
+        os.replace(result, full)
+    write_text(cache, cache_text(activation_scales(full), recipe.calibration_method))
     print(f"calibrated {recipe.calibration_method} on {npy.name} in {seconds:.0f} s -> {cache}")
     return cache
 
@@ -216,29 +241,31 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     cache = calibrate(recipe, calib_dir, eval_dir, root)
     log = root / "logs" / recipe.model / f"{out.stem}.quantize.log"
     shape = f"images:1x3x{recipe.imgsz}x{recipe.imgsz}"
-    with atomic_path(out) as tmp:
-        cmd = MODELOPT + ["--onnx_path", str(recipe.onnx_path), "--quantize_mode", "int8",
+    with modelopt_scratch(recipe.onnx_path, out) as (model, result):
+        cmd = MODELOPT + ["--onnx_path", str(model), "--quantize_mode", "int8",
                           "--calibration_cache_path", str(cache), "--calibration_shapes", shape,
                           "--calibration_method", modelopt_method(recipe.calibration_method),
                           "--calibration_eps", *recipe.calibration_eps, "--high_precision_dtype", hp_dtype,
-                          "--output_path", str(tmp)]
+                          "--output_path", str(result)]
         if recipe.nodes_to_exclude:
             cmd += ["--nodes_to_exclude", *recipe.nodes_to_exclude]
         if recipe.op_types_to_exclude:
             cmd += ["--op_types_to_exclude", *recipe.op_types_to_exclude]
         rc, seconds = run_logged(cmd, log)
-        if rc != 0 or not tmp.stat().st_size:
+        if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
-        raised = raise_fp16_weight_scales(tmp) if hp_dtype == "fp16" else []
-        counts = node_counts(tmp)
+        raised = raise_fp16_weight_scales(result) if hp_dtype == "fp16" else []
+        counts = node_counts(result)
+        os.replace(result, out)
     import modelopt
 
+    command = " ".join(cmd[2:]).replace(str(model), str(recipe.onnx_path)).replace(str(result), str(out))
     write_json(out.with_suffix(".json"), {
         "recipe": recipe.name, "settings": recipe.settings("quantize"), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
-        "command": " ".join(cmd[2:]).replace(str(tmp), str(out)).replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
+        "command": command.replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
         "fp16_weight_scales_raised": raised})
     print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
     return out

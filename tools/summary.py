@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.common import REPO, run_main
+from tools.common import REPO, positive_int, run_main
 from tools.records import Layout, eval_set, newest, read_json, read_records
 from tools.trtlog import to_csv
 
@@ -144,14 +144,13 @@ def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None
 
 def main(argv=None):
     from tools.yolo_graph import is_random_weights
-    from tools.pipeline import positive
     from tools.recipe import load
 
     ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
     ap.add_argument("--eval-dir", required=True, help="the evaluation set the run scored")
-    ap.add_argument("--eval-limit", type=positive(int))
+    ap.add_argument("--eval-limit", type=positive_int)
     ap.add_argument("--results", default=str(REPO / "runs"), help="the run's results root (default: runs/)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed summary")
     args = ap.parse_args(argv)

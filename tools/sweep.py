@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from tools.common import REPO, UserError, run_main
+from tools.common import REPO, UserError, positive_int, run_main
 from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
 from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
@@ -477,7 +477,7 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=float, metavar="SECONDS",
                     help="start no new point after this many seconds; the next run resumes (for time-limited jobs)")
     ap.add_argument("--gpus", help="comma-separated GPU indices to use (default: every visible GPU)")
-    ap.add_argument("--jobs-per-gpu", type=int, default=1,
+    ap.add_argument("--jobs-per-gpu", type=positive_int, default=1,
                     help="builds/accuracy runs side by side on one GPU (timings always run alone)")
     ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine")
     ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
