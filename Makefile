@@ -5,7 +5,7 @@
 ## knobs (make VAR=value ...)
 VENV       ?= .venv#                                   environment `make` creates on first use (PY=python3 skips it)
 PY         ?= $(VENV)/bin/python#                      the Python that runs the tools (py311 on the devkit)
-MODEL      ?= yolo11n#                                 recipes/MODEL/ and models/yolo11/MODEL.onnx
+MODEL      ?= $(or $(filter yolo%,$(basename $(notdir $(PT)))),yolo11n)#  recipes/MODEL/, models/yolo11/MODEL.onnx (PT=yolo11s.pt: yolo11s)
 RECIPES    ?= $(sort $(wildcard recipes/$(MODEL)/*.yaml))#  the recipes `all`, `cpu`, `gpu` run
 RECIPE     ?= recipes/$(MODEL)/int8-qdq.yaml#          the recipe one-recipe targets run
 ONNX       ?= models/yolo11/$(MODEL).onnx#             the model: export writes it; set it to start every recipe from another ONNX

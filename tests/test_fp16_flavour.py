@@ -75,3 +75,12 @@ def test_fp16_flavour_detects_what_the_fp32_flavour_detects(flavours):
         assert len(confident) >= 3
         same_class = confident[:, None, 5] == candidates[None, :, 5]
         assert ((_iou(confident, candidates) * same_class).max(axis=1) >= 0.75).all()
+
+
+def test_the_pipelines_onnxrt_score_of_the_fp16_flavour_does_not_collapse(flavours):
+    """tools.evaluate (the onnxrt stage, `make onnxrt`) runs the FP16 flavour as ONNX Runtime should: it scores
+    close to the FP32 flavour instead of near zero."""
+    from tools.evaluate import evaluate
+
+    fp16, fp32 = (evaluate(flavours[hp], MINI, batch=8, limit=8, workers=1)["map50_95"] for hp in ("fp16", "fp32"))
+    assert fp32 > 0.2 and abs(fp16 - fp32) < 0.05, (fp16, fp32)

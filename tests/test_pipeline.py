@@ -152,3 +152,23 @@ def test_onnx_override_must_exist(tmp_path):
     pipeline.add_setup_args(ap)
     with pytest.raises(UserError, match="no such ONNX model"):
         pipeline.setup_from_args(ap.parse_args(["--onnx", str(tmp_path / "none.onnx")]))
+
+
+def test_a_model_is_checked_before_any_work(tmp_path):
+    """A static-batch model cannot serve a batch-32 profile, and a model that is no detector is refused, each in one
+    line, before anything is quantized or built."""
+    import onnx
+
+    from tools.yolo_graph import load as load_model
+
+    model = load_model(REPO / "models/yolo11/yolo11n.onnx")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # batch 1 only
+    static = tmp_path / "static.onnx"
+    onnx.save(model, str(static))
+    point = pipeline.Point(load(FP16).replace(onnx=str(static)), setup(tmp_path), "b32")
+    with pytest.raises(UserError, match=r"takes batch 1 only, but profile 'b1'|profile 'b32'"):
+        point.model_onnx
+    text = tmp_path / "text.onnx"
+    text.write_text("not a model")
+    with pytest.raises(UserError, match="text.onnx"):
+        pipeline.Point(load(FP16).replace(onnx=str(text)), setup(tmp_path)).model_onnx

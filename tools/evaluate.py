@@ -38,7 +38,7 @@ class OnnxrtBackend:
             ("CPUExecutionProvider",)
         providers = [p for p in wanted if p in ort.get_available_providers()]
         try:
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+            self.session = ort.InferenceSession(onnxruntime_model(onnx_path), opts, providers=providers)
         except Exception as e:  # ORT raises its own InvalidGraph/Fail/NoSuchFile types
             raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
         check_detector(onnx_path, self.session)
@@ -47,6 +47,21 @@ class OnnxrtBackend:
 
     def infer(self, x):
         return self.session.run(None, {self.input: x})[0]
+
+
+def onnxruntime_model(onnx_path) -> bytes | str:
+    """What ONNX Runtime should load: the model itself, except that an FP16 Q/DQ flavour gets float32 QuantizeLinear
+    where this ONNX Runtime truncates float16 ones (tools/qdq_fp16.py; its scores collapse otherwise)."""
+    import onnx
+
+    from tools.qdq_fp16 import for_onnxruntime
+
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception:  # noqa: BLE001 - ONNX Runtime names what is wrong with the file
+        return str(onnx_path)
+    fixed = for_onnxruntime(model)
+    return str(onnx_path) if fixed is model else fixed.SerializeToString()
 
 
 def check_detector(onnx_path, session) -> None:

@@ -13,6 +13,7 @@ Usage: python -m tools.pipeline STAGES RECIPE...   (STAGES: comma-separated, or 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import subprocess
@@ -52,6 +53,14 @@ def gpu_name() -> str:
         return out[0].strip() if out else "unknown GPU"
     except (OSError, subprocess.SubprocessError):
         return "unknown GPU"
+
+
+@functools.lru_cache(maxsize=None)
+def model_facts(path: str, sha256: str) -> dict:
+    """tools.export's detector check, once per model content in a process."""
+    from tools.export import check_detector
+
+    return check_detector(path)
 
 
 @dataclass(frozen=True)
@@ -117,11 +126,24 @@ class Point:
 
     @cached_property
     def model_onnx(self) -> Path:
+        """The recipe's model, checked to be a YOLO11 detector whose input takes every batch the profiles build for,
+        before any work is done with it."""
         path = self.recipe.onnx_path
         if not path.is_file():
             raise UserError(f"{path}: no such ONNX model; run `make export` (or `make export PT=model.pt`) or set "
                             f"ONNX=path (recipe key `onnx:`)")
+        facts = model_facts(str(path), file_digest(path))
+        batch = facts["input"][0]
+        wrong = [n for n, p in self.recipe.profiles.items() if isinstance(batch, int) and not p.min == p.max == batch]
+        if wrong:
+            raise UserError(f"{path}: takes batch {batch} only, but profile {wrong[0]!r} of recipe {self.recipe.name!r} "
+                            f"builds for {self.recipe.profiles[wrong[0]].describe()}; export with a dynamic batch "
+                            f"(make export, the default) or set the recipe's profiles to {{batch: {batch}}}")
         return path
+
+    @cached_property
+    def random_weights(self) -> bool:
+        return model_facts(str(self.model_onnx), file_digest(self.model_onnx))["random_weights"]
 
     @cached_property
     def calib_npy(self) -> Path:
@@ -180,6 +202,7 @@ class Point:
         r, p = self.recipe, self.recipe.profiles[self.profile]
         qjson = self.onnx.with_suffix(".json")
         fresh = {"name": r.name, "key": self.key, "engine_key": self.engine_key, "model": r.model,
+                 "random_weights": self.random_weights,
                  "precision": r.precision, "profile": {"name": self.profile, **p.model_dump(), "static": p.static},
                  "level": r.builder_optimization_level, "recipe": to_dict(r), "trt_version": self.setup.version(),
                  "gpu": self.gpu, "plan": {"onnx_kind": self.plan.onnx_kind, "flags": list(self.plan.precision_flags),
@@ -264,12 +287,13 @@ def onnxrt_score(point: Point, onnx: Path) -> dict:
 
 def onnxrt_run(point: Point) -> None:
     """Score the model the engine starts from; a quantized model that collapses against FP32 is an error."""
-    from tools.yolo_graph import is_random_weights
-
     source = point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
     res = onnxrt_score(point, source)
+    if point.random_weights:
+        print(f"  {point.recipe.name}: ONNX Runtime {res['kind']}: random weights, no accuracy to speak of")
+        return
     print(f"  {point.recipe.name}: ONNX Runtime {res['kind']} mAP50-95 {res['map50_95']:.4f} ({res['images']} images)")
-    if source == point.model_onnx or is_random_weights(point.model_onnx):
+    if source == point.model_onnx:
         return
     fp32 = onnxrt_score(point, point.model_onnx)
     if res["map50_95"] < COLLAPSE * fp32["map50_95"]:

@@ -233,9 +233,9 @@ def deploy_section(layout: Layout, rec: dict) -> list[str]:
              + (f", ModelOpt {q['modelopt_version']}" if q else "") + f"; as YAML in `chosen.yaml`.",
              f"- Build command (from the record's log): `{recorded_command(layout, rec)}`"]
     if q:
-        lines.append(f"- Quantization: ModelOpt `{q['command']}` after calibrating with "
-                     f"`--calibration_method {r['calibration_method']}` on {r['calib_images']} images "
-                     f"(seed {r['calib_seed']}); {q['nodes']['quantized_nodes']} nodes INT8.")
+        lines.append(f"- Quantization: ModelOpt `{q['command']}`, its scales from the calibration cache "
+                     f"`{q['calibration_cache']}` ({r['calibration_method']} on {r['calib_images']} images, seed "
+                     f"{r['calib_seed']}); {q['nodes']['quantized_nodes']} nodes INT8.")
     return ["## Reproduce and deploy", "", *lines, "",
             "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
             f"cp {layout.out.relative_to(layout.root) if layout.out.is_relative_to(layout.root) else layout.out}"
@@ -273,6 +273,9 @@ def write_report(layout: Layout, budget: float) -> Path:
     if not sweep_path.is_file():
         raise UserError(f"{sweep_path}: no sweep results; run `make sweep` first (RESULTS= names where it wrote)")
     sweep = read_json(sweep_path, "sweep table")
+    if any(r.get("random_weights") for r in sweep["rows"]):
+        raise UserError(f"{sweep_path}: the model has random weights (speed only), so a choice by accuracy means "
+                        f"nothing; read the speed columns of sweep.csv, or export the trained .pt and sweep again")
     table = Table(sweep["rows"], sweep.get("final_level"))
     choice = select(table, budget)
     out, model, level = layout.out, layout.model, table.final

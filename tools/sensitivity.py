@@ -72,8 +72,12 @@ class Proxy:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
-        src = model if isinstance(model, (str, Path)) else model.SerializeToString()
-        session = ort.InferenceSession(str(src) if isinstance(src, Path) else src, providers=["CPUExecutionProvider"])
+        from tools.evaluate import onnxruntime_model
+        from tools.qdq_fp16 import for_onnxruntime
+
+        src = onnxruntime_model(model) if isinstance(model, (str, Path)) else \
+            for_onnxruntime(model).SerializeToString()
+        session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         out = np.concatenate([session.run(None, {name: self.batch[i:i + 8]})[0] for i in range(0, len(self.batch), 8)])
         return [postprocess(p) for p in out]

@@ -38,7 +38,8 @@ from tools.scheduler import Job, run_chains
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
 
-SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-"}
+SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
+         "calibration_percentile": "p"}
 EXCLUSIVE = {"bench", "layers"}  # stages that measure the GPU: nothing else may run on it meanwhile
 
 
@@ -189,7 +190,7 @@ def sweep_rows(records: list[dict], grid: Grid) -> list[dict]:
         qdq = rec["precision"] == "int8-qdq"
         meta = {"config": rec["name"], "precision": rec["precision"], "key": rec["key"],
                 **{k: label_of(k, recipe[k], grid.axes[k], owner=rec["name"]) if qdq else "" for k in grid.axes},
-                "level": rec["level"], "profile": rec["profile"]["name"],
+                "level": rec["level"], "profile": rec["profile"]["name"], "random_weights": rec.get("random_weights"),
                 "gpu": rec["gpu"], "tensorrt": rec["trt_version"]}
         rows += [{**meta, **row} for row in engine_rows(rec)]
     return rows
