@@ -100,8 +100,8 @@ accuracy: $(ENV)  ## COCO mAP of RECIPE's engines + polygraphy comparison agains
 	$(PIPELINE) engine,accuracy $(RECIPE) $(SETUP)
 
 profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16's, by YOLO block (CSV + plot)
-	$(PIPELINE) engine,layers $(RECIPE) recipes/$(MODEL)/fp16.yaml $(SETUP)
-	$(PY) -m tools.profile --recipes $(RECIPE) recipes/$(MODEL)/fp16.yaml --results "$(RESULTS)" \
+	$(PIPELINE) engine,layers recipes/$(MODEL)/fp16.yaml $(RECIPE) $(SETUP)
+	$(PY) -m tools.profile --recipes recipes/$(MODEL)/fp16.yaml $(RECIPE) --results "$(RESULTS)" \
 	    $(if $(PROFILES),--profiles $(PROFILES)) $(if $(OVERWRITE),--overwrite)
 
 summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set's records

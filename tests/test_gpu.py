@@ -17,7 +17,8 @@ def engine(tmp_path_factory):
     log = out / "build.log"
     res = run_tool("tools.trtexec_py", f"--onnx={MODEL}", f"--saveEngine={path}", "--fp16",
                    "--minShapes=images:1x3x640x640", "--optShapes=images:4x3x640x640",
-                   "--maxShapes=images:8x3x640x640", "--builderOptimizationLevel=0", "--skipInference")
+                   "--maxShapes=images:8x3x640x640", "--builderOptimizationLevel=0", "--profilingVerbosity=detailed",
+                   "--skipInference")
     log.write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
     return path, log

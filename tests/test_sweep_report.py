@@ -87,9 +87,10 @@ def fake_record(recipe, profile, ms, m, level=None):
     batch = recipe.profiles[profile].max
     level = recipe.builder_optimization_level if level is None else level
     return {"name": recipe.name, "key": digest([recipe.name, profile, level]), "precision": recipe.precision,
+            "onnx": "models/yolo11/yolo11n.onnx",
             "recipe": {**json.loads(json.dumps(recipe.model_dump())), "builder_optimization_level": level},
             "level": level, "profile": {"name": profile, "min": batch, "opt": batch, "max": batch},
-            "gpu": "G", "trt_version": "8.6.1", "build": {"engine_mb": 5.0, "build_s": 10.0},
+            "gpu": "G", "trt_version": "8.6.1", "build": {"engine_mb": 5.0, "build_s": 10.0, "engine": "engines/x.engine"},
             "bench": [{"batch": batch, "cuda_graph": True, "latency_ms_p50": ms * batch ** 0.5,
                        "latency_ms_p99": ms * 1.1, "throughput_ips": 1000 * batch ** 0.5 / ms}],
             "accuracy": {"map50_95": m, "map50": m + 0.15, "halves": {"a": {"map50_95": m}, "b": {"map50_95": m}}}}
@@ -184,7 +185,8 @@ def test_report_end_to_end_from_records(tmp_path):
                 rec = fake_record(recipes[name], profile, ms * (1.2 if level == 1 else 1), m, level)
                 log = tmp_path / "logs" / f"{name}.{profile}.{level}.build.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
-                log.write_text(f"# /usr/bin/python3 -m tools.trtexec_py --onnx=m.onnx --builderOptimizationLevel={level}\n")
+                log.write_text(f"# /usr/bin/python3 -m tools.trtexec_py --onnx=/gpu/scratch/m.onnx "
+                               f"--saveEngine=/gpu/scratch/.x.tmp.engine --builderOptimizationLevel={level}\n")
                 rec["build"]["log"] = str(log)
                 layout.write_json(layout.points / f"{name}.{profile}.{rec['key']}.json", rec)
                 records.append(rec)
@@ -193,7 +195,7 @@ def test_report_end_to_end_from_records(tmp_path):
                                                   "final_level": 3, "run_seconds": [100], "gpus": ["0", "1"]})
     text = write_report(layout, 0.5).read_text()
     assert "**Chosen (latency, profile `b1`): `int8-qdq`**" in text and "half B, which confirms it" in text
-    assert "`trtexec --onnx=m.onnx --builderOptimizationLevel=3`" in text
+    assert "`trtexec --onnx=models/yolo11/yolo11n.onnx --saveEngine=engines/x.engine --builderOptimizationLevel=3`" in text
     assert "## Screening at level 1 against level 3" in text and "| b1 | 1 | 3 | 1.00 |" in text
     assert load(layout.out / "chosen.yaml").name == "int8-qdq"
     assert (layout.out / "pareto_latency.png").stat().st_size > 10_000

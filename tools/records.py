@@ -180,3 +180,70 @@ class Record:
     def save(self, layout: Layout) -> None:
         self.data["updated_utc"] = now_utc()
         layout.write_json(self.path, self.data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Publishing a run
+LOG_KEYS = ("log", "layers_json", "profile_json", "csv")  # keys whose values are files a record points to
+
+
+def publish(run_root: Path, run_results: Path, dest: Layout) -> list[Path]:
+    """Copy a run's records and tables (from a GPU machine, say) into `dest`: the records, sweep table and per-layer
+    profiles, and every log a record points to, into <dest>/<model>/logs/, with the records' paths rewritten to
+    the copies (logs/ is not committed, a results folder is). Returns the files written."""
+    import shutil
+
+    src = run_results / dest.model
+    if not src.is_dir():
+        raise UserError(f"{src}: no results of model {dest.model} there; pass the run's results folder")
+    logs, written = dest.out / "logs", []
+
+    def moved(stored: str) -> str:
+        path = Path(stored) if Path(stored).is_absolute() else run_root / stored
+        if not path.is_file():
+            return stored
+        target = dest.guard(logs / path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        return dest.rel(target)
+
+    def rewrite(obj):
+        if isinstance(obj, dict):
+            return {k: moved(v) if k in LOG_KEYS and isinstance(v, str) else rewrite(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [rewrite(v) for v in obj]
+        return obj
+
+    for path in sorted((src / "points").glob("*.json")):
+        rec = rewrite(read_json(path))
+        dest.write_json(dest.points / path.name, rec)
+        written.append(dest.points / path.name)
+    for name in ("sweep.json", "sweep.csv"):
+        if (src / name).is_file():
+            dest.write_text(dest.out / name, (src / name).read_text())
+            written.append(dest.out / name)
+    return written
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tools.records", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    pub = sub.add_parser("publish", help="copy a run's records, tables and logs into a results folder")
+    pub.add_argument("run_root", help="the checkout the run ran in (its logs/ lie there)")
+    pub.add_argument("--results", default="runs", help="the run's results folder, relative to run_root")
+    pub.add_argument("--model", default="yolo11n")
+    pub.add_argument("--to", default=str(REPO / "results"), help="results root to publish into (default: results/)")
+    pub.add_argument("--overwrite", action="store_true", help="replace committed files")
+    args = ap.parse_args(argv)
+    root = Path(args.run_root).resolve()
+    written = publish(root, root / args.results, Layout(args.model, REPO, Path(args.to).resolve(), args.overwrite))
+    print(f"published {len(written)} files into {Path(args.to) / args.model}")
+
+
+if __name__ == "__main__":
+    from tools.common import run_main
+
+    run_main(main)

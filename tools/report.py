@@ -217,13 +217,27 @@ def all_configurations(table: Table, level: int, profile: str, batch: int) -> st
 
 
 def recorded_command(layout: Layout, rec: dict) -> str:
-    """The build command the record's log begins with, as a trtexec user would type it."""
+    """The build command the record's log begins with, as a trtexec user would type it: the fallback named trtexec,
+    the run's own paths (a GPU machine's scratch folders) replaced by the record's."""
+    import re
+    import shlex
+
     log = layout.resolve(rec["build"]["log"])
-    first = log.read_text().splitlines()[0].removeprefix("# ") if log.is_file() else ""
-    for fallback in (" -m tools.trtexec_py", "tools/trtexec_py.py"):
-        if fallback in first:
-            first = "trtexec" + first.split(fallback, 1)[1]
-    return first
+    if not log.is_file():
+        return "(build log not kept)"
+    args = shlex.split(log.read_text().splitlines()[0].removeprefix("# "))
+    if "tools.trtexec_py" in args:
+        args = ["trtexec"] + args[args.index("tools.trtexec_py") + 1:]
+    paths = {"onnx": rec["onnx"], "saveEngine": rec["build"]["engine"]}
+    out = []
+    for arg in args:
+        m = re.match(r"--(\w+)=(.*)", arg)
+        if m and m.group(1) in paths:
+            arg = f"--{m.group(1)}={paths[m.group(1)]}"
+        elif m and m.group(1) in ("timingCacheFile", "calib"):
+            arg = f"--{m.group(1)}={Path(m.group(2)).name}"
+        out.append(arg)
+    return shlex.join(out)
 
 
 def deploy_section(layout: Layout, rec: dict) -> list[str]:
