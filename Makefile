@@ -109,6 +109,7 @@ summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set
 
 sensitivity: $(ENV)  ## which blocks cost accuracy when INT8, and the smallest exclusion set proposed
 	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES) \
+	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
 	    -o "$(RESULTS)/$(MODEL)/sensitivity.json" $(if $(OVERWRITE),--overwrite)
 
 sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)

@@ -87,3 +87,15 @@ def test_make_refuses_unknown_recipe():
 def test_committed_summary_is_a_published_table():
     s = json.loads((REPO / "results/yolo11n/summary.json").read_text())
     assert s["engines"] and s["gpu"] and s["tensorrt"]
+
+
+def test_summary_reads_the_onnxrt_results_the_pipeline_writes(tmp_path):
+    """The onnxrt stage's own result files (not hand-made ones) go through the summary's newest-result rule."""
+    import tools.pipeline as pipeline
+    from tools.recipe import load
+
+    s = pipeline.Setup(calib_dir=REPO / "calib/images", eval_dir=MINI, results=tmp_path, eval_limit=2)
+    point = pipeline.Point(load(REPO / "recipes/yolo11n/fp16.yaml"), s)
+    pipeline.onnxrt_score(point, point.model_onnx)
+    summary = summarize(Layout("yolo11n", REPO, tmp_path), ["fp16"], MINI, 2)
+    assert summary["onnxrt"]["fp32"]["images"] == 2

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from tools.common import REPO, UserError, default_trtexec, non_negative_int, positive_int, positive_number, run_main
-from tools.records import Layout, Record, eval_set, file_digest, now_utc, read_json
+from tools.records import RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
 from tools.recipe import Recipe, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
 
@@ -69,7 +69,7 @@ class Setup:
     calib_dir: Path
     eval_dir: Path
     root: Path = REPO
-    results: Path = REPO / "runs"
+    results: Path = RUNS
     overwrite: bool = False
     onnx: Path | None = None  # the model to start from instead of the recipe's (Makefile ONNX=)
     profiles: tuple[str, ...] | None = None  # only these deployment profiles (default: every one of the recipe)
@@ -280,7 +280,7 @@ def onnxrt_score(point: Point, onnx: Path) -> dict:
         return read_json(out, "ONNX Runtime result")
     res = evaluate(onnx, point.setup.eval_dir, limit=point.setup.eval_limit, batch=8)
     res.update(kind="fp32" if onnx == point.model_onnx else point.recipe.name, onnx=point.layout.rel(onnx),
-               onnx_sha256=file_digest(onnx), eval=point.eval, measured_utc=now_utc())
+               onnx_sha256=file_digest(onnx), eval=point.eval, updated_utc=now_utc())
     point.layout.write_json(out, res)
     return res
 
@@ -493,7 +493,7 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     """The flags every driver (pipeline, sweep) shares, each spelled once and mapped onto Setup."""
     ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"), help="calibration images")
     ap.add_argument("--eval-dir", default=str(REPO / "data" / "coco-mini"), help="evaluation images + annotations")
-    ap.add_argument("--results", default=str(REPO / "runs"),
+    ap.add_argument("--results", default=str(RUNS),
                     help="where records and tables go (default: runs/; results/ is the committed set)")
     ap.add_argument("--overwrite", action="store_true", help="replace committed (git-tracked) result files")
     ap.add_argument("--onnx", help="start from this ONNX instead of each recipe's model")

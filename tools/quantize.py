@@ -30,6 +30,7 @@ from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_
 from tools.common import UserError, list_images, run_main, sha256_file, write_json, write_text
 from tools.engine import onnx_nodes, run_logged
 from tools.qdq_fp16 import clamp_weight_scales
+from tools.records import Layout
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
 
@@ -49,7 +50,7 @@ def calibration_name(recipe: Recipe, calib_dir, root: Path) -> Path:
     folders); cheap: only hashes the chosen files."""
     files = select_images(list_images(calib_dir), recipe.calib_images, recipe.calib_seed)
     set_digest = digest([sha256_file(p) for p in files])
-    return root / "calib" / recipe.model / f"{recipe.imgsz}-n{recipe.calib_images}-s{recipe.calib_seed}-{set_digest}.npy"
+    return Layout(recipe.model, root).calib / f"{recipe.imgsz}-n{recipe.calib_images}-s{recipe.calib_seed}-{set_digest}.npy"
 
 
 def calibration_npy(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
@@ -136,7 +137,7 @@ def calibrate(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
         return histogram_calibrate(recipe, cache, calib_dir, eval_dir, root)
     npy = calibration_npy(recipe, calib_dir, eval_dir, root)
     check_calibration(npy, recipe.imgsz)
-    log = root / "logs" / recipe.model / f"{cache.stem}.calibrate.log"
+    log = Layout(recipe.model, root).logs / f"{cache.stem}.calibrate.log"
     full = cache.with_suffix(".full.onnx")
     with modelopt_scratch(recipe.onnx_path, full) as (model, result):
         cmd = MODELOPT + ["--onnx_path", str(model), "--quantize_mode", "int8",
@@ -167,7 +168,7 @@ def histogram_calibrate(recipe: Recipe, cache: Path, calib_dir, eval_dir, root: 
     if hist_path.is_file():
         hists = load_histograms(hist_path)
     else:
-        log = root / "logs" / recipe.model / f"{hist_path.stem}.calibrate.log"
+        log = Layout(recipe.model, root).logs / f"{hist_path.stem}.calibrate.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             f.write(f"histograms of {len(tensors)} tensors ({len(set(groups.values()))} scale groups) of "
@@ -221,7 +222,7 @@ def raise_fp16_weight_scales(qdq_onnx) -> list[dict]:
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
-    return root / "models" / recipe.model / "quant" / f"{recipe.name}.{key}.onnx"
+    return Layout(recipe.model, root).quant / f"{recipe.name}.{key}.onnx"
 
 
 def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: Path | None = None) -> Path:
@@ -239,7 +240,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         raise UserError(f"{out}: not quantized yet and ModelOpt is not installed here; run `make quantize` on a "
                         f"machine with the CPU requirements and bring models/{recipe.model}/quant along")
     cache = calibrate(recipe, calib_dir, eval_dir, root)
-    log = root / "logs" / recipe.model / f"{out.stem}.quantize.log"
+    log = Layout(recipe.model, root).logs / f"{out.stem}.quantize.log"
     shape = f"images:1x3x{recipe.imgsz}x{recipe.imgsz}"
     with modelopt_scratch(recipe.onnx_path, out) as (model, result):
         cmd = MODELOPT + ["--onnx_path", str(model), "--quantize_mode", "int8",

@@ -59,12 +59,15 @@ def eval_set(eval_dir, limit: int | None = None) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layout
+RUNS = REPO / "runs"  # where a run's results go unless the user names another place
+
+
 @dataclass(frozen=True)
 class Layout:
     """Paths of one model's artifacts. `root` holds the build products, `results` the records and tables."""
     model: str
     root: Path = REPO
-    results: Path = REPO / "runs"
+    results: Path = RUNS
     overwrite: bool = False  # replace files that git tracks (the committed results)
 
     @property

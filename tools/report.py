@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from tools.common import REPO, UserError, atomic_path, run_main
-from tools.records import Layout, read_json
+from tools.records import RUNS, Layout, read_json
 
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
@@ -341,7 +341,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolo11n")
     ap.add_argument("--budget", type=float, default=0.5, help="mAP50-95 points below FP16 that INT8 may lose")
-    ap.add_argument("--results", default=str(REPO / "runs"), help="results root the sweep wrote (default: runs/)")
+    ap.add_argument("--results", default=str(RUNS), help="results root the sweep wrote (default: runs/)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed report")
     args = ap.parse_args(argv)
     if args.budget < 0:

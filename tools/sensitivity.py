@@ -22,8 +22,9 @@ import numpy as np
 
 from tools import yolo_graph
 from tools.calib import select_images
-from tools.common import REPO, UserError, list_images, postprocess, preprocess, run_main, to_input, write_json, \
-    write_text
+from tools.common import REPO, UserError, list_images, positive_int, postprocess, preprocess, run_main, \
+    to_input
+from tools.records import Layout
 from tools.recipe import load
 
 
@@ -104,15 +105,18 @@ class Proxy:
 
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,
-            previous: dict | None = None) -> dict:
+            previous: dict | None = None, calib_images: int | None = None) -> dict:
     """`previous`: an earlier result; its per-block gains are reused when it measured the same model on the same
-    images (changing only the target or the group budget costs a few evaluations, not a full pass)."""
+    images (changing only the target or the group budget costs a few evaluations, not a full pass).
+    `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does)."""
     import onnx
     from tqdm import tqdm
 
     from tools.quantize import quantize
 
     recipe = load(recipe_path)
+    if calib_images and recipe.calib_images > calib_images:
+        recipe = recipe.replace(calib_images=calib_images)
     if yolo_graph.is_random_weights(recipe.onnx_path):
         raise UserError(f"{recipe.onnx_path}: random weights (exported from a model .yaml) detect nothing, so there is "
                         f"no agreement to measure; export the trained model (make export PT=...)")
@@ -163,18 +167,24 @@ def main(argv=None):
     ap.add_argument("recipe")
     ap.add_argument("--calib-dir", required=True, help="images to measure on (calibration images, not evaluation)")
     ap.add_argument("--eval-dir", help="evaluation folder (only checked for overlap when calibrating)")
-    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
+    ap.add_argument("--calib-images", type=positive_int, help="cap the recipe's calib_images (a small folder)")
     ap.add_argument("--target", type=float, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
-    ap.add_argument("--max-groups", type=int, default=4)
+    ap.add_argument("--max-groups", type=positive_int, default=4)
     ap.add_argument("--trt", default="8.6")
-    ap.add_argument("-o", "--output", help="default: results/<model>/sensitivity.json (+ .md)")
+    ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity.json (+ .md)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
     args = ap.parse_args(argv)
-    out = Path(args.output) if args.output else REPO / "results" / load(args.recipe).model / "sensitivity.json"
+    recipe = load(args.recipe)
+    out = Path(args.output) if args.output else Layout(recipe.model).out / "sensitivity.json"
+    layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
+    for path in (out, out.with_suffix(".md")):  # refused before the analysis, not after it
+        layout.guard(path)
     previous = json.loads(out.read_text()) if out.is_file() else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
-                  previous=previous)
-    write_json(out, res)
-    write_text(out.with_suffix(".md"), markdown(res))
+                  previous=previous, calib_images=args.calib_images)
+    layout.write_json(out, res)
+    layout.write_text(out.with_suffix(".md"), markdown(res))
     print(markdown(res))
 
 

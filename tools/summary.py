@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from tools.common import REPO, positive_int, run_main
-from tools.records import Layout, eval_set, newest, read_json, read_records
+from tools.records import RUNS, Layout, eval_set, newest, read_json, read_records
 from tools.trtlog import to_csv
 
 
@@ -119,7 +119,7 @@ def markdown(summary: dict) -> str:
 
 def published(model: str, root: Path = REPO) -> dict | None:
     """Where the committed GPU table lives and what measured it (for a run that measured none itself)."""
-    path = root / "results" / model / "summary.json"
+    path = Layout(model, root, root / "results").out / "summary.json"
     if not path.is_file():
         return None
     s = read_json(path, "summary")
@@ -151,7 +151,7 @@ def main(argv=None):
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
     ap.add_argument("--eval-dir", required=True, help="the evaluation set the run scored")
     ap.add_argument("--eval-limit", type=positive_int)
-    ap.add_argument("--results", default=str(REPO / "runs"), help="the run's results root (default: runs/)")
+    ap.add_argument("--results", default=str(RUNS), help="the run's results root (default: runs/)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed summary")
     args = ap.parse_args(argv)
     recipes = [load(p) for p in args.recipes]
