@@ -172,3 +172,20 @@ def test_a_model_is_checked_before_any_work(tmp_path):
     text.write_text("not a model")
     with pytest.raises(UserError, match="text.onnx"):
         pipeline.Point(load(FP16).replace(onnx=str(text)), setup(tmp_path)).model_onnx
+
+
+def test_no_stage_runs_on_a_model_that_is_not_a_detector(tmp_path):
+    """`make quantize` with a classifier as the recipe's model stops at the model check, before calibration."""
+    from onnx import TensorProto, helper
+
+    cls = tmp_path / "cls.onnx"
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["images"], ["out"])], "cls",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 640, 640])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 1, 1])])
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(cls))
+    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(onnx=str(cls), calib_images=4)
+    with pytest.raises(UserError, match="cls.onnx"):
+        pipeline.run_recipe(recipe, dataclasses.replace(setup(tmp_path), root=tmp_path), ("calib", "quantize"))
+    assert not (tmp_path / "calib").exists() and not (tmp_path / "models").exists()  # refused before any work

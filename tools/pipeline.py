@@ -450,6 +450,7 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
     the engines it touched."""
     recipe = setup.adapt(recipe)
     cpu = Point(recipe, setup)
+    cpu.model_onnx  # the model is checked (a YOLO detector, batch sizes the profiles need) before any work
     for stage in (STAGES[s] for s in stages if not STAGES[s].gpu):
         if stage.applies(recipe) and not stage.done(cpu):
             stage.run(cpu)

@@ -208,14 +208,19 @@ def node_counts(qdq_onnx) -> dict:
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
 
 
-def raise_fp16_weight_scales(qdq_onnx) -> list[dict]:
-    """Raise the FP16 flavour's subnormal weight scales to FP16's smallest normal, in the file (tools/qdq_fp16.py)."""
+def finish_qdq_model(qdq_onnx, hp_dtype: str) -> list[dict]:
+    """ModelOpt's output made reproducible and safe, in the file: value_info sorted by name (its FP16 conversion
+    lists them in a different order from run to run, so two machines made different bytes of the same model), and
+    for the FP16 flavour, subnormal weight scales raised to FP16's smallest normal (tools/qdq_fp16.py). Returns the
+    scales raised."""
     import onnx
 
     model = onnx.load(str(qdq_onnx))
-    raised = clamp_weight_scales(model)
-    if raised:
-        onnx.save(model, str(qdq_onnx))
+    infos = sorted(model.graph.value_info, key=lambda v: v.name)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+    raised = clamp_weight_scales(model) if hp_dtype == "fp16" else []
+    onnx.save(model, str(qdq_onnx))
     return raised
 
 
@@ -256,7 +261,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
-        raised = raise_fp16_weight_scales(result) if hp_dtype == "fp16" else []
+        raised = finish_qdq_model(result, hp_dtype)
         counts = node_counts(result)
         os.replace(result, out)
     import modelopt
