@@ -90,7 +90,7 @@ def test_build_server_keeps_the_timing_cache_across_builds(tmp_path):
     import subprocess
     import time
 
-    from tools.trtexec_py import build_on_server, stop_server
+    from tools.trtexec_py import stop_server
 
     model, sock = tmp_path / "tiny.onnx", str(tmp_path / "s.sock")
     tiny_onnx(model)

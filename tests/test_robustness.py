@@ -170,8 +170,10 @@ def test_interrupted_evaluation_ends_cleanly(tmp_path, sig, whom, code):
     """Ctrl-C (SIGINT to the terminal's process group), `timeout` (SIGTERM to the group) and `kill PID`: one line,
     exit 128 + signal, no output file, the pool's workers gone."""
     out = tmp_path / "OUT.json"
+    # at 1280 pixels the 32 images take about 10 s on 2 cores (about 4 s at 640, which an idle machine finishes before
+    # the signal below), so the signal lands while the pool is predicting
     proc = start_tool("tools.evaluate", str(MODEL), "--images", str(MINI), "--batch", "4", "--workers", "2",
-                      "-o", str(out))
+                      "--imgsz", "1280", "-o", str(out))
     workers = []
     try:
         deadline = time.monotonic() + 60

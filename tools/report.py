@@ -244,7 +244,7 @@ def deploy_section(layout: Layout, rec: dict) -> list[str]:
     model, r, q = layout.model, rec["recipe"], rec.get("quantization") or {}
     lines = [f"- Recipe `{rec['name']}` ({rec['precision']}), measured with TensorRT {rec['trt_version']} on "
              f"{rec['gpu']}, builder level {rec['level']}, profile `{rec['profile']['name']}`"
-             + (f", ModelOpt {q['modelopt_version']}" if q else "") + f"; as YAML in `chosen.yaml`.",
+             + (f", ModelOpt {q['modelopt_version']}" if q else "") + "; as YAML in `chosen.yaml`.",
              f"- Build command (from the record's log): `{recorded_command(layout, rec)}`"]
     if q:
         lines.append(f"- Quantization: ModelOpt `{q['command']}`, its scales from the calibration cache "
@@ -305,7 +305,7 @@ def write_report(layout: Layout, budget: float) -> Path:
           f"`{sweep['grid']}`); {cost(sweep)}. Timings are GPU compute medians (CUDA graph or not, whichever is faster)"
           f" measured in this one run; each engine is timed at the batch its profile was built for. mAP on the COCO "
           f"val2017 evaluation set named in each record; calibration on disjoint images.", "",
-          *([f"**Partial sweep** (failures or a stop before the end): the selection covers only what was measured.",
+          *(["**Partial sweep** (failures or a stop before the end): the selection covers only what was measured.",
              ""] if not sweep.get("complete", True) else []),
           "## Selection", "",
           f"Rule: among the INT8-mixed configurations built at builder level {level}, the fastest at profile "
