@@ -99,3 +99,14 @@ def test_summary_reads_the_onnxrt_results_the_pipeline_writes(tmp_path):
     pipeline.onnxrt_score(point, point.model_onnx)
     summary = summarize(Layout("yolo11n", REPO, tmp_path), ["fp16"], MINI, 2)
     assert summary["onnxrt"]["fp32"]["images"] == 2
+
+
+def test_a_random_weight_model_shows_no_accuracy(tmp_path):
+    layout = Layout("yolo11n", REPO, tmp_path)
+    key = eval_set(MINI)["key"]
+    rec = record("fp16", "b1", 1, key)
+    layout.write_json(layout.points / "fp16.b1.x.json", rec)
+    layout.write_json(layout.onnxrt / "fp32.k.json", {"kind": "fp32", "map50_95": 0.0, "map50": 0.0, "images": 32,
+                                                      "eval": {"key": key}})
+    text = markdown(summarize(layout, ["fp16"], MINI, speed_only=True))
+    assert "Speed only" in text and "0.0000" not in text and "| fp16 | b1 | 3 | 1 |" in text

@@ -73,7 +73,7 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def engine_table(engines: list[dict]) -> list[str]:
+def engine_table(engines: list[dict], speed_only: bool = False) -> list[str]:
     cols = ["engine", "profile", "level", "batch", "p50 ms", "p99 ms", "img/s", "p50 ms (graph)", "p99 ms (graph)",
             "img/s (graph)", "mAP50-95", "mAP50", "engine MB", "build s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -86,7 +86,9 @@ def engine_table(engines: list[dict]) -> list[str]:
                      f"{fmt(plain['latency_ms_p50'], '.3f')} | {fmt(plain['latency_ms_p99'], '.3f')} | "
                      f"{fmt(plain['throughput_ips'], ',.0f')} | {fmt(graph['latency_ms_p50'], '.3f')} | "
                      f"{fmt(graph['latency_ms_p99'], '.3f')} | {fmt(graph['throughput_ips'], ',.0f')} | "
-                     f"{r['map50_95']:.4f}{exact} | {r['map50']:.4f} | {r['engine_mb']:.1f} | {fmt(r['build_s'], '.0f')} |")
+                     f"{'-' if speed_only else format(r['map50_95'], '.4f') + exact} | "
+                     f"{'-' if speed_only else format(r['map50'], '.4f')} | {r['engine_mb']:.1f} | "
+                     f"{fmt(r['build_s'], '.0f')} |")
     return lines
 
 
@@ -97,7 +99,7 @@ def markdown(summary: dict) -> str:
     if summary.get("speed_only"):
         out += ["", f"**Speed only**: {model} has random weights (built from its ultralytics YAML); its mAP means "
                     "nothing and is not shown as a result."]
-    if summary["onnxrt"]:
+    if summary["onnxrt"] and not summary.get("speed_only"):
         out += ["", "ONNX Runtime (CPU or CUDA execution provider), the models the engines are built from:", "",
                 "| model | mAP50-95 | mAP50 | exact-subset mAP50-95 |", "|---|---|---|---|"]
         out += [f"| {kind} | {r['map50_95']:.4f} | {r['map50']:.4f} | {fmt(r.get('exact_map50_95'), '.4f')} |"
@@ -106,7 +108,7 @@ def markdown(summary: dict) -> str:
         out += ["", f"TensorRT {summary['tensorrt']} on {summary['gpu']}: latency is GPU compute median/p99 without "
                     "transfers; `profile` names the engine (static batch 1 or 32, ...), `level` its builder "
                     "optimization level; CUDA-graph columns replay the same engine as a CUDA graph.", ""]
-        out += engine_table(summary["engines"])
+        out += engine_table(summary["engines"], speed_only=summary.get("speed_only", False))
     else:
         out += ["", "No engine was built or timed in this run (TensorRT is not installed here, or the GPU stages did "
                     "not run)."]
