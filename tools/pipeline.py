@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from tools.common import REPO, UserError, default_trtexec, non_negative_int, positive_int, positive_number, run_main
-from tools.records import RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
+from tools.records import LOG_KEYS, RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
 from tools.recipe import Recipe, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
 
@@ -405,8 +405,7 @@ def layers_run(point: Point) -> None:
     profile = point.recipe.profiles[point.profile]
     found = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
                            layout.logs / point.engine_stem, profile.max, point.recipe.imgsz)
-    rec["layers"] = {k: layout.rel(v) if k in ("log", "layers_json", "profile_json", "csv") else v
-                     for k, v in found.items()}
+    rec["layers"] = {k: layout.rel(v) if k in LOG_KEYS else v for k, v in found.items()}
 
 
 @dataclass(frozen=True)

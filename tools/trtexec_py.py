@@ -419,20 +419,18 @@ def cache_calibrator(trt, cache: bytes):
     return CacheCalibrator()
 
 
-class SinkLogger:
-    """A TensorRT logger whose messages go to the current request's log (set per build by the server)."""
+def sink_logger(trt):
+    """A TensorRT logger whose messages go to `.sink`: the current request's log, set per build by the server."""
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.sink = print
 
-    def __new__(cls, trt):
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.sink = print
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                self.sink(f"[TRT] {msg}")
 
-            def log(self, severity, msg):
-                if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                    self.sink(f"[TRT] {msg}")
-
-        return Logger()
+    return Logger()
 
 
 class BuildServer:
@@ -483,7 +481,7 @@ def tensorrt_build_server() -> BuildServer:
     instead of 120 s. A sweep starts one server per GPU and points that GPU's builds at it (TRTEXEC_PY_SERVER)."""
     import tensorrt as trt
 
-    logger = SinkLogger(trt)
+    logger = sink_logger(trt)
     kept = {"caches": {}}  # the builder is made at the first build, so the socket answers from the start
 
     def build(opts, out):
