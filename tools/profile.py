@@ -622,20 +622,18 @@ def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, 
     """`make profile`: for each deployment profile, the recipes' engines side by side, read from the newest record of
     each recipe that holds a per-layer profile (the pipeline's `layers` stage), into <results>/<model>/profile/."""
     from tools.common import REPO
-    from tools.records import Layout, newest, read_records
+    from tools.records import Layout, engine_id, newest_per, read_records
     from tools.recipe import load as load_recipe
     from tools.summary import bench_row
 
     recipes = [load_recipe(p) for p in recipe_paths]
     layout = Layout(recipes[0].model, REPO, Path(results).resolve(), overwrite)
-    found = [r for r in read_records(layout.points) if "layers" in r]
+    found = newest_per((r for r in read_records(layout.points) if "layers" in r), engine_id)
     written = {}
     for profile in profiles or recipes[0].profiles:
         pairs, e2e = [], {}
         for recipe in recipes:
-            mine = [r for r in found if r["name"] == recipe.name and r["profile"]["name"] == profile
-                    and r["level"] == recipe.builder_optimization_level]
-            rec = newest(mine)
+            rec = found.get((recipe.name, profile, recipe.builder_optimization_level))
             if rec is None:
                 raise UserError(f"{layout.points}: no per-layer profile of {recipe.name!r} [{profile}] at level "
                                 f"{recipe.builder_optimization_level}; run `make profile RECIPE=...` (stage layers)")

@@ -156,6 +156,19 @@ def newest(records) -> dict | None:
     return max(records, key=lambda r: (updated(r), r.get("key", "")), default=None)
 
 
+def newest_per(records, key) -> dict:
+    """{key(record): the newest record with that key}: one record per engine, per kind, ..."""
+    groups = {}
+    for rec in records:
+        groups.setdefault(key(rec), []).append(rec)
+    return {k: newest(g) for k, g in groups.items()}
+
+
+def engine_id(record: dict) -> tuple:
+    """What makes an engine record a row of its own in a table: the recipe, its profile and its builder level."""
+    return record["name"], record["profile"]["name"], record["level"]
+
+
 def read_json(path, what: str = "record") -> dict:
     path = Path(path)
     try:

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from tools.common import REPO, positive_int, run_main
-from tools.records import RUNS, Layout, eval_set, newest, read_json, read_records
+from tools.records import RUNS, Layout, engine_id, eval_set, newest_per, read_json, read_records
 from tools.trtlog import to_csv
 
 
@@ -51,22 +51,17 @@ def engine_records(layout: Layout, names, eval_key: str) -> list[dict]:
     """Finished engine records of these recipes on this evaluation set: the newest per (recipe, profile, level)."""
     from tools.pipeline import has_all_stages
 
-    groups = {}
-    for rec in read_records(layout.points):
-        if has_all_stages(rec) and rec["name"] in names and rec.get("eval", {}).get("key") == eval_key:
-            groups.setdefault((rec["name"], rec["profile"]["name"], rec["level"]), []).append(rec)
+    found = [rec for rec in read_records(layout.points)
+             if has_all_stages(rec) and rec["name"] in names and rec.get("eval", {}).get("key") == eval_key]
     order = {n: i for i, n in enumerate(names)}
-    return sorted((newest(g) for g in groups.values()),
+    return sorted(newest_per(found, engine_id).values(),
                   key=lambda r: (order[r["name"]], r["level"], r["profile"]["min"]))
 
 
 def onnxrt_results(layout: Layout, eval_key: str) -> dict[str, dict]:
     """ONNX Runtime results on this evaluation set, the newest per kind (fp32 or the recipe's Q/DQ model)."""
-    groups = {}
-    for res in read_records(layout.onnxrt):
-        if res.get("eval", {}).get("key") == eval_key:
-            groups.setdefault(res["kind"], []).append(res)
-    return {kind: newest(g) for kind, g in groups.items()}
+    found = [res for res in read_records(layout.onnxrt) if res.get("eval", {}).get("key") == eval_key]
+    return newest_per(found, lambda res: res["kind"])
 
 
 def fmt(value, spec: str) -> str:

@@ -33,7 +33,7 @@ from tools.common import REPO, UserError, positive_int, run_main
 from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
 from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
-from tools.records import Layout, newest, read_json, read_records
+from tools.records import Layout, engine_id, newest_per, read_json, read_records
 from tools.scheduler import Job, run_chains
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
@@ -440,13 +440,9 @@ def visible_gpus() -> list[str]:
 def rebuild_table(grid: Grid, layout: Layout, setup: Setup) -> None:
     """Rewrite the sweep table from the records on disk (after merging shards, say); the run's own fields are
     kept. Takes each point's newest complete record per level and profile."""
-    found = [r for r in read_records(layout.points) if has_all_stages(r)]
     names = {r.name for r in expand(grid, setup)}
-    groups = {}
-    for rec in found:
-        if rec["name"] in names:
-            groups.setdefault((rec["name"], rec["level"], rec["profile"]["name"]), []).append(rec)
-    records = [newest(g) for g in groups.values()]
+    found = [r for r in read_records(layout.points) if has_all_stages(r) and r["name"] in names]
+    records = list(newest_per(found, engine_id).values())
     if not records:
         raise UserError(f"{layout.points}: no complete record of any point of this grid; run the sweep first")
     old = read_json(layout.out / "sweep.json", "sweep table") if (layout.out / "sweep.json").is_file() else {}
