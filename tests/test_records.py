@@ -79,9 +79,9 @@ def test_newest_is_the_latest_update_then_key():
 
 
 def test_record_save_is_atomic_and_stamped(tmp_path):
-    rec = Record.open(tmp_path / "points" / "r.json", {"name": "x"})
+    rec = Record.open(tmp_path / "points" / "r.json", lambda: {"name": "x"})
     rec.data["build"] = {"engine": "e"}
     rec.save(Layout("yolo11n", tmp_path, tmp_path))
-    again = Record.open(tmp_path / "points" / "r.json", {})
+    again = Record.open(tmp_path / "points" / "r.json", lambda: pytest.fail("a record on disk is read, not made"))
     assert again.data["build"] == {"engine": "e"} and again.data["updated_utc"]
     assert not list((tmp_path / "points").glob("*.tmp*"))

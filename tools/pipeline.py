@@ -199,19 +199,23 @@ class Point:
     @cached_property
     def record(self) -> Record:
         """This point's record: what is already known of it, or a fresh one saying what it will be built from."""
+        path = self.layout.points / f"{self.recipe.name}.{self.profile}.{self.key}.json"
+        return Record.open(path, self.fresh_record)
+
+    def fresh_record(self) -> dict:
+        """What a new record says before any stage ran: the recipe, the plan and what it is built from."""
         r, p = self.recipe, self.recipe.profiles[self.profile]
         qjson = self.onnx.with_suffix(".json")
-        fresh = {"name": r.name, "key": self.key, "engine_key": self.engine_key, "model": r.model,
-                 "random_weights": self.random_weights,
-                 "precision": r.precision, "profile": {"name": self.profile, **p.model_dump(), "static": p.static},
-                 "level": r.builder_optimization_level, "recipe": to_dict(r), "trt_version": self.setup.version(),
-                 "gpu": self.gpu, "plan": {"onnx_kind": self.plan.onnx_kind, "flags": list(self.plan.precision_flags),
-                                           "notes": list(self.plan.notes)},
-                 "onnx": self.layout.rel(self.onnx), "onnx_sha256": file_digest(self.onnx),
-                 "eval": {"dir": str(self.setup.eval_dir), "limit": self.setup.eval_limit, **self.eval},
-                 "quantization": read_json(qjson, "quantization record") if self.plan.onnx_kind == "qdq" and
-                 qjson.is_file() else None}
-        return Record.open(self.layout.points / f"{r.name}.{self.profile}.{self.key}.json", fresh)
+        return {"name": r.name, "key": self.key, "engine_key": self.engine_key, "model": r.model,
+                "random_weights": self.random_weights,
+                "precision": r.precision, "profile": {"name": self.profile, **p.model_dump(), "static": p.static},
+                "level": r.builder_optimization_level, "recipe": to_dict(r), "trt_version": self.setup.version(),
+                "gpu": self.gpu, "plan": {"onnx_kind": self.plan.onnx_kind, "flags": list(self.plan.precision_flags),
+                                          "notes": list(self.plan.notes)},
+                "onnx": self.layout.rel(self.onnx), "onnx_sha256": file_digest(self.onnx),
+                "eval": {"dir": str(self.setup.eval_dir), "limit": self.setup.eval_limit, **self.eval},
+                "quantization": read_json(qjson, "quantization record") if self.plan.onnx_kind == "qdq" and
+                qjson.is_file() else None}
 
 
 def autocast_fp16(point: Point) -> Path:

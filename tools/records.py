@@ -189,9 +189,10 @@ class Record:
     data: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path, fresh: dict) -> "Record":
+    def open(cls, path, fresh) -> "Record":
+        """The record at `path`, or `fresh()` (a new record's fields, made only when there is none yet)."""
         path = Path(path)
-        return cls(path, read_json(path) if path.is_file() else dict(fresh))
+        return cls(path, read_json(path) if path.is_file() else fresh())
 
     def save(self, layout: Layout) -> None:
         self.data["updated_utc"] = now_utc()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tools.common import REPO, UserError, atomic_path, run_main
 from tools.records import RUNS, Layout, read_json
+from tools.summary import fmt
 
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
@@ -204,15 +205,14 @@ def pareto_plot(table: Table, at: dict[str, dict], field: str, out: Path, title:
 def all_configurations(table: Table, level: int, profile: str, batch: int) -> str:
     lines = ["| configuration | calibration | images | kept in float | p50 ms | p99 ms | img/s | mAP50-95 | half A | "
              "half B | exact-subset mAP50-95 |", "|" + "---|" * 11]
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     at = table.at(level, profile, batch)
     for c in sorted(at, key=lambda c: best(at[c], "latency_ms_p50")):
         r = at[c]
         lines.append(f"| {c} | {r.get('calibration_method') or '-'} | {r.get('calib_images') or '-'} | "
                      f"{r.get('nodes_to_exclude') or '-'} | {best(r, 'latency_ms_p50'):.3f} | "
-                     f"{'-' if p99(r) is None else format(p99(r), '.3f')} | {best(r, 'throughput_ips'):,.0f} | "
-                     f"{r['map50_95']:.4f} | {fmt(r.get('map50_95_a'))} | {fmt(r.get('map50_95_b'))} | "
-                     f"{fmt(r.get('exact_map50_95'))} |")
+                     f"{fmt(p99(r), '.3f')} | {best(r, 'throughput_ips'):,.0f} | "
+                     f"{r['map50_95']:.4f} | {fmt(r.get('map50_95_a'), '.4f')} | {fmt(r.get('map50_95_b'), '.4f')} | "
+                     f"{fmt(r.get('exact_map50_95'), '.4f')} |")
     return "\n".join(lines)
 
 
