@@ -26,9 +26,11 @@ JOBS_PER_GPU ?= 1#                                      builds side by side on o
 SWEEP_ARGS ?=#                                          more tools.sweep flags, e.g. --stop-after 420 --shard 1/2
 BUDGET     ?= 0.5#                                      mAP50-95 points INT8 may lose against FP16 in the report's rule
 SENS_IMAGES ?= 32#                                      calibration images the sensitivity analysis measures on
+SENS_PROFILE ?=#                                         by-block.csv of `make profile`: latency-aware proposal
+MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks may add
 
 KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
-        TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES
+        TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_PROFILE MS_BUDGET
 
 # the one-recipe targets check RECIPE before doing anything
 ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
@@ -110,7 +112,9 @@ summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set
 sensitivity: $(ENV)  ## which blocks cost accuracy when INT8, and the smallest exclusion set proposed
 	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES) \
 	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
-	    -o "$(RESULTS)/$(MODEL)/sensitivity.json" $(if $(OVERWRITE),--overwrite)
+	    $(if $(SENS_PROFILE),--profile "$(SENS_PROFILE)" -o "$(RESULTS)/$(MODEL)/sensitivity-latency.json",\
+	                         -o "$(RESULTS)/$(MODEL)/sensitivity.json") \
+	    $(if $(MS_BUDGET),--ms-budget $(MS_BUDGET)) $(if $(OVERWRITE),--overwrite)
 
 sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)
 	$(PY) -m tools.sweep $(GRID) $(SETUP) $(if $(GPUS),--gpus $(GPUS)) --jobs-per-gpu $(JOBS_PER_GPU) $(SWEEP_ARGS)

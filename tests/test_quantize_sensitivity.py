@@ -66,3 +66,42 @@ def test_bypass_puts_one_block_back_in_float(quantized):
     x = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
     out = ort.InferenceSession(float0.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})
     assert out[0].shape == (1, 84, 8400)
+
+
+PROFILE = REPO / "results" / "yolo11n" / "profile" / "b32-L3" / "by-block.csv"
+
+
+def test_every_block_group_has_its_cost_in_the_per_layer_profile(quantized):
+    """The latency-aware proposal reads each group's cost from `make profile`'s by-block table: the names must meet."""
+    from tools.sensitivity import block_costs, profile_block
+
+    _, _, path = quantized
+    groups = block_groups([n.name for n in onnx.load(str(path)).graph.node])
+    costs = block_costs(PROFILE, "int8-qdq")
+    assert {profile_block(g) for g in groups} <= set(costs)
+    assert profile_block("head-dfl (model.23.dfl)") == "model.23/dfl" and profile_block("model.7") == "model.7"
+
+
+def test_latency_order_takes_free_blocks_first_then_gain_per_ms():
+    from tools.sensitivity import block_costs, latency_order
+
+    costs = block_costs(PROFILE, "int8-qdq")
+    free = [b for b, ms in costs.items() if ms <= 0 and "/" not in b][:2]
+    paid = sorted((b for b, ms in costs.items() if ms > 0.01 and "/" not in b), key=costs.get)[:2]
+    gains = {free[0]: 0.001, free[1]: 0.002, paid[0]: 0.01, paid[1]: 0.011, "model.99": -0.01}
+    order = latency_order(gains, costs)
+    assert order[:2] == [free[1], free[0]] and "model.99" not in order  # free by gain; harmful blocks never
+    ratio = {b: gains[b] / costs[b] for b in paid}
+    assert order[2:] == sorted(paid, key=ratio.get, reverse=True)
+
+
+def test_profile_without_the_recipe_column_is_a_one_line_error(tmp_path):
+    from tools.common import UserError
+    from tools.sensitivity import block_costs
+
+    bad = tmp_path / "by-block.csv"
+    bad.write_text("block,ms_fp16\nmodel.0,0.1\n")
+    with pytest.raises(UserError, match="ms_int8-qdq"):
+        block_costs(bad, "int8-qdq")
+    with pytest.raises(UserError, match="make profile"):
+        block_costs(tmp_path / "missing.csv", "int8-qdq")

@@ -108,3 +108,32 @@ def test_chains_added_when_a_chain_ends_join_the_queue():
     failures = run_chains([[Job("p0", "engine")], [Job("p1", "engine")]], ["0", "1"],
                           lambda job, gpu: time.sleep(0.02), on_done=on_done)
     assert not failures and seen.count("late") == 2 and seen.index("late") > seen.index("p0")
+
+
+def test_chains_added_when_a_chain_ends_go_ahead_of_the_queue():
+    """The front is what the end of a sweep waits on: it starts before references still queued."""
+    ran = []
+
+    def on_done(job, gpu, error):
+        return [[Job("front", "engine")]] if job.chain == "screen" else None
+
+    chains = [[Job("screen", "engine")], [Job("ref1", "engine")], [Job("ref2", "engine")]]
+    failures = run_chains(chains, ["0"], lambda job, gpu: ran.append(job.chain), on_done=on_done)
+    assert not failures and ran == ["screen", "front", "ref1", "ref2"]
+
+
+def test_a_build_another_gpu_is_warm_for_waits_for_it():
+    """GPU 1 frees first; of the queued builds, `a` has a warm cache on busy GPU 0, `b` on none: GPU 1 takes `b`,
+    and `a` goes to GPU 0 when it frees."""
+    ran, lock = [], threading.Lock()
+    length = {"a0": 0.3, "x": 0.2, "a1": 0.01, "b": 0.2}
+
+    def launch(job, gpu):
+        time.sleep(length[job.chain])
+        with lock:
+            ran.append((job.chain, gpu))
+
+    chains = [[Job("a0", "engine", affinity="a")], [Job("x", "engine", affinity="x")],
+              [Job("a1", "engine", affinity="a")], [Job("b", "engine", affinity="b")]]
+    assert not run_chains(chains, ["0", "1"], launch)
+    assert dict(ran) == {"x": "1", "b": "1", "a0": "0", "a1": "0"}

@@ -102,13 +102,15 @@ def test_screening_then_front_and_references_at_the_final_level(tmp_path):
              "qdq-entropy-n400-x-none": 0.6}
     accuracy = {"fp16": 0.37, "int8-qdq": 0.36, "qdq-max-n400-x-default": 0.35, "qdq-entropy-n64-x-default": 0.355,
                 "qdq-entropy-n400-x-none": 0.30}
-    calls = []
+    calls, order = [], []
 
-    def runner(pairs, stages, stop_after, then=None):
-        """Like Runner.run: the records of `pairs`, then `then` on the screening ones, whose points run too."""
+    def runner(pairs, stages, stop_after, then=None, gate=None):
+        """Like Runner.run: the records of `pairs`, then `then` on the `gate` ones, whose points run too."""
         calls.append(sorted({(r.name, r.builder_optimization_level) for r, _ in pairs}))
+        order.append([(r.name, r.builder_optimization_level) for r, _ in pairs])
+        assert {r.builder_optimization_level for r, _ in gate} == {1}  # the front waits for the screening only
         done = [fake_record(r, p, speed[r.name], accuracy[r.name]) for r, p in pairs]
-        more = then(done) if then else []
+        more = then([d for d in done if d["level"] == 1]) if then else []
         if more:
             calls.append(sorted({(r.name, r.builder_optimization_level) for r, _ in more}))
         return done + [fake_record(r, p, speed[r.name], accuracy[r.name]) for r, p in more], {}
@@ -116,6 +118,9 @@ def test_screening_then_front_and_references_at_the_final_level(tmp_path):
     records, failures = run_sweep(grid, setup(tmp_path), ("engine", "bench", "accuracy"), runner)
     # first the references at their own level 3 and every configuration at the screening level 1 ...
     assert not failures and calls[0] == sorted([(n, 1) for n in speed] + [("fp16", 3), ("int8-qdq", 3)])
+    # queued: FP16 and the base at level 3 (the yardsticks), the screening, then the other references at level 3
+    assert order[0][:2] == [("fp16", 3), ("fp16", 3)] and order[0][2:4] == [("int8-qdq", 3)] * 2
+    assert {lvl for _, lvl in order[0][4:]} == {1}
     # ... then the front (fastest first, at most front_max) at level 3
     assert calls[1] == [("qdq-entropy-n400-x-none", 3)]
     assert len(records) == 2 * (5 + 3)

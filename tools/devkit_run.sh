@@ -2,12 +2,13 @@
 # How the GPU half runs on our lent GPU machines, which have neither trtexec nor a TensorRT of their own:
 # ../shared/devkit gives TensorRT 8.6 under `py311`, so PY=py311 and make falls back to tools/trtexec_py.py.
 # Inputs arrive in parts under /tmp/dparts: eval.tar.* (900 evaluation images), calib.tar.* (400 calibration images),
-# quant.tar.* (the quantized models `make sweep --stages cpu` made on the CPU) and wheels.tar.* (cp311 wheels the
-# kit was packed without). The repo is copied to /tmp/w once, so a background job survives the fresh working tree
+# quant.tar.* (the quantized models `make sweep --stages cpu` made on the CPU, with the tracked files left out of the
+# upload to keep each call under its size limit) and, optionally, wheels.tar.* (cp311 wheels the kit lacks). The repo is copied to /tmp/w once, so a background job survives the fresh working tree
 # each call brings, and results stay there between calls; every call packs them into $OUT.
 # Usage:  bash tools/devkit_run.sh start 'make sweep SWEEP_ARGS=--stages=gpu'   (in the background, setsid)
 #         bash tools/devkit_run.sh poll SECONDS    (wait, print progress, pack results into $OUT)
 #         bash tools/devkit_run.sh run 'make ...'  (in the foreground)
+#         bash tools/devkit_run.sh tests GPU       (tests/test_gpu.py on that GPU, in the background: tests.log)
 set -uo pipefail
 source /tmp/kit/env.sh
 W=/tmp/w D=/tmp/data
@@ -16,17 +17,22 @@ if [ ! -d "$W" ]; then
   cat /tmp/dparts/eval.tar.* | tar -x -C "$D"
   cat /tmp/dparts/calib.tar.* | tar -x -C "$D"
   cat /tmp/dparts/quant.tar.* | tar -x -C "$W"
-  cat /tmp/dparts/wheels.tar.* | tar -x -C /tmp/pylib && for w in /tmp/pylib/*.whl; do py311 -m zipfile -e "$w" /tmp/pylib; done
+  if ls /tmp/dparts/wheels.tar.* >/dev/null 2>&1; then
+    cat /tmp/dparts/wheels.tar.* | tar -x -C /tmp/pylib && for w in /tmp/pylib/*.whl; do py311 -m zipfile -e "$w" /tmp/pylib; done
+  fi
 fi
 cd "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$W:/tmp/pylib
 export MAKEFLAGS="PY=py311 EVAL_DIR=$D/val2017-eval CALIB_DIR=$D/calib"
-pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache 2>/dev/null; }
+pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache job.log tests.log 2>/dev/null; }
 case "$1" in
   start) setsid nohup bash -c "$2; echo \"exit \$? at \$(date +%T)\"" > "$W/job.log" 2>&1 < /dev/null &
          sleep 20; tail -5 "$W/job.log" ;;
   poll)  for _ in $(seq "$2"); do grep -q '^exit ' "$W/job.log" && break; sleep 1; done
          tail -25 "$W/job.log"; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
-         echo; ls runs/*/points 2>/dev/null | wc -l; pack ;;
+         echo; ls runs/*/points 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
   run)   bash -c "$2"; pack ;;
+  tests) CUDA_VISIBLE_DEVICES="$2" setsid nohup py311 -m pytest -v -p no:cacheprovider tests/test_gpu.py \
+           > "$W/tests.log" 2>&1 < /dev/null &
+         sleep 2; tail -3 "$W/tests.log" ;;
 esac

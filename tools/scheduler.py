@@ -20,8 +20,8 @@ class Job:
     chain: str  # the point it belongs to; a chain's jobs run in order
     stage: str
     exclusive: bool = False
-    affinity: str = ""
-    light: bool = False  # host work that does not count against shared_per_gpu (accuracy: decoding and COCOeval)  # jobs of equal affinity prefer the GPU that ran the last such job (its build cache is warm)
+    affinity: str = ""  # builds of equal affinity prefer a GPU that built that kind before (its timing cache is warm)
+    light: bool = False  # host work that does not count against shared_per_gpu (accuracy: decoding and COCOeval)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Gpu:
     name: str
     running: list = field(default_factory=list)  # jobs running now
     draining: bool = False
-    last: str = ""  # affinity of the last job started here
+    seen: set = field(default_factory=set)  # affinities of the builds started here: its build server cached them
 
     @property
     def busy_exclusive(self) -> bool:
@@ -44,7 +44,7 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
                on_done: Callable[[Job, str, BaseException | None], list | None] = lambda job, gpu, error: None,
                stop_after: float | None = None) -> dict[str, str]:
     """Run every chain; `launch(job, gpu)` runs one job to its end (raising on failure); `on_done` may return new
-    chains, which join the queue (a sweep adds its front once the screening is done). Returns {chain: error} for
+    chains, which join the head of the queue (a sweep adds its front once the screening is done). Returns {chain: error} for
     chains that failed (their later jobs are skipped) or were never started because `stop_after` seconds had passed
     (a bounded run ends between points; the next run resumes from the records)."""
     if not gpus:
@@ -68,9 +68,11 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
             if error is not None:
                 failures[job.chain] = str(error) or type(error).__name__
                 todo.pop(job.chain, None)
-            for chain in on_done(job, gpu.name, error) or ():
+            # chains added now (a sweep's front) are what the run's end waits on: they go ahead of the queue
+            added = [c for c in on_done(job, gpu.name, error) or () if c]
+            for chain in added:
                 todo[chain[0].chain] = list(chain)
-                order.append(chain[0].chain)
+            order[:0] = [c[0].chain for c in added]
             lock.notify_all()
 
     def start(job: Job, gpu: Gpu):
@@ -80,7 +82,8 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
         started.add(job.chain)
         active[job.chain] = job
         gpu.running.append(job)
-        gpu.last = job.affinity or gpu.last
+        if job.affinity:
+            gpu.seen.add(job.affinity)
         threading.Thread(target=worker, args=(job, gpu), daemon=True).start()
 
     def ready() -> list[Job]:
@@ -113,12 +116,15 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
         open_ = sorted((g for g in usable if load(g) < shared_per_gpu), key=load)
         if not (heavy and open_):
             return False
+        # a GPU takes the first build it has a warm timing cache for; else the first build no GPU has one for (a
+        # build another GPU could serve from its cache waits for that GPU), else the first in the queue
         for gpu in open_:
-            job = next((j for j in heavy if j.affinity and j.affinity == gpu.last), None)
+            job = next((j for j in heavy if j.affinity in gpu.seen), None)
             if job:
                 start(job, gpu)
                 return True
-        start(heavy[0], open_[0])
+        warm = set().union(*(g.seen for g in state))
+        start(next((j for j in heavy if not j.affinity or j.affinity not in warm), heavy[0]), open_[0])
         return True
 
     with lock:

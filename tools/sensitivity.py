@@ -7,7 +7,13 @@ detections (score >= 0.25) as ground truth, on calibration images (never evaluat
 fitted to the numbers we report). Blocks are then added greedily, most helpful first, until that agreement reaches
 the target; the proposal is the recipe's exclusions plus those blocks. The sweep takes it as an axis value and
 measures its real COCO mAP and speed on the GPU.
+Latency-aware (`--profile BY_BLOCK_CSV`, from `make profile`): each block's cost is what it adds to the engine when it
+runs in FP16 instead of INT8, read from the per-layer profile (the block's time in the FP16 engine minus its time in
+the INT8 one; the reformats at its new borders are not in it, so the estimate is optimistic). Blocks are then taken by
+agreement gained per millisecond (blocks that cost nothing first), and a block that would take the total over
+`--ms-budget` is skipped.
 Usage: python -m tools.sensitivity recipes/yolo11n/int8-qdq.yaml --calib-dir DIR [--images 48] [--target 0.95]
+       [--profile results/yolo11n/profile/b32-L3/by-block.csv --ms-budget 0.05]
 """
 from __future__ import annotations
 
@@ -40,6 +46,35 @@ def block_groups(node_names) -> dict[str, str]:
         module = yolo_graph.HEAD_BRANCHES[branch][:-1]
         groups[f"head-{branch} (model.{head}.{module})"] = regex
     return groups
+
+
+def profile_block(label: str) -> str:
+    """The block name `tools.profile` gives the same group: model.K, or model.K/cv2|cv3|dfl for the head's branches."""
+    m = re.fullmatch(r"head-\w+ \(model\.(\d+)\.(\w+)\)", label)
+    return f"model.{m.group(1)}/{m.group(2)}" if m else label
+
+
+def block_costs(csv_path, recipe: str) -> dict[str, float]:
+    """{profile block: ms it adds when it runs in FP16 rather than as in `recipe`'s engine}: its time in the FP16
+    engine minus its time in the recipe's engine (by-block.csv of `make profile`); negative where FP16 is faster."""
+    import csv
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such profile; run `make profile RECIPE=recipes/<model>/{recipe}.yaml` first")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    column = f"ms_{recipe}"
+    if not rows or "ms_fp16" not in rows[0] or column not in rows[0]:
+        raise UserError(f"{path}: needs the columns ms_fp16 and {column} (a `make profile` of fp16 and {recipe})")
+    return {r["block"]: float(r["ms_fp16"]) - float(r[column]) for r in rows if r["block"] != "all"}
+
+
+def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]:
+    """Blocks that help, those costing nothing first (most gain first), then by gain per millisecond."""
+    helpful = [b for b in gains if gains[b] > 0]
+    cost = lambda b: costs.get(profile_block(b), 0.0)  # noqa: E731 - a block the profile lacks ran nowhere: free
+    return sorted(helpful, key=lambda b: (cost(b) > 0, -gains[b] if cost(b) <= 0 else -gains[b] / cost(b)))
 
 
 def bypass_qdq(model, pattern: str):
@@ -105,16 +140,19 @@ class Proxy:
 
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,
-            previous: dict | None = None, calib_images: int | None = None) -> dict:
+            previous: dict | None = None, calib_images: int | None = None, profile=None,
+            ms_budget: float | None = None) -> dict:
     """`previous`: an earlier result; its per-block gains are reused when it measured the same model on the same
     images (changing only the target or the group budget costs a few evaluations, not a full pass).
-    `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does)."""
+    `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
+    `profile`: a by-block.csv of `make profile`; blocks are then chosen by gain per millisecond within `ms_budget`."""
     import onnx
     from tqdm import tqdm
 
     from tools.quantize import quantize
 
     recipe = load(recipe_path)
+    costs = block_costs(profile, recipe.name) if profile else None
     if calib_images and recipe.calib_images > calib_images:
         recipe = recipe.replace(calib_images=calib_images)
     if yolo_graph.is_random_weights(recipe.onnx_path):
@@ -133,31 +171,48 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     for label, pattern in tqdm([g for g in groups.items() if g[0] not in gains], desc="blocks", unit="block"):
         gains[label] = proxy.score(bypass_qdq(qdq, pattern)) - base
     ranked = sorted(gains, key=gains.get, reverse=True)
-    chosen, current, steps = [], base, []
-    for label in ranked[:max_groups]:
-        if current >= target or gains[label] <= 0:
+    cost = (lambda b: max(costs.get(profile_block(b), 0.0), 0.0)) if costs else (lambda b: 0.0)  # noqa: E731
+    candidates = latency_order(gains, costs) if costs else [b for b in ranked if gains[b] > 0]
+    chosen, current, steps, spent = [], base, [], 0.0
+    for label in candidates:
+        if current >= target or len(chosen) == max_groups:
             break
+        if ms_budget is not None and spent + cost(label) > ms_budget:
+            continue
         chosen.append(label)
+        spent += cost(label)
         current = proxy.score(bypass_qdq(qdq, "|".join(groups[g] for g in chosen)))
-        steps.append({"blocks": list(chosen), "agreement": round(current, 5)})
-        log(f"  + {label}: agreement {current:.4f}")
+        steps.append({"blocks": list(chosen), "agreement": round(current, 5), "ms_added": round(spent, 4)})
+        log(f"  + {label}: agreement {current:.4f}" + (f", about +{spent:.3f} ms" if costs else ""))
+    latency = {"profile": str(profile), "ms_budget": ms_budget,
+               "ms_added": {g: round(costs.get(profile_block(g), 0.0), 4) for g in ranked}} if costs else None
     return {"recipe": recipe.name, "qdq_model": str(qdq_path.relative_to(REPO)), "images": len(files),
             "image_dir": str(calib_dir), "metric": "mAP50-95 against FP32 detections (score >= 0.25)",
             "baseline_agreement": round(base, 5), "target": target,
             "blocks": [{"block": g, "regex": groups[g], "gain": round(gains[g], 5)} for g in ranked],
-            "steps": steps,
+            "steps": steps, "latency": latency,
             "proposal": {"blocks": chosen, "agreement": round(current, 5), "reached_target": current >= target,
+                         "ms_added": round(spent, 4) if costs else None,
                          "nodes_to_exclude": list(recipe.nodes_to_exclude) + [groups[g] for g in chosen]}}
 
 
 def markdown(res: dict) -> str:
+    lat = res.get("latency")
     lines = [f"# Quantization sensitivity of `{res['recipe']}`", "",
              f"Metric: {res['metric']} on {res['images']} calibration images; all blocks INT8 as in the recipe: "
-             f"{res['baseline_agreement']:.4f}.", "", "| block | gain when kept in float |", "|---|---|"]
-    lines += [f"| {b['block']} | {b['gain']:+.4f} |" for b in res["blocks"]]
+             f"{res['baseline_agreement']:.4f}."]
+    if lat:
+        lines += ["", f"Latency-aware: each block's ms is what it adds in FP16, from `{lat['profile']}` (its FP16-engine "
+                      f"time minus its INT8-engine time; border reformats not counted); budget "
+                      f"{'none' if lat['ms_budget'] is None else str(lat['ms_budget']) + ' ms'}."]
+    lines += ["", "| block | gain when kept in float |" + (" ms added in FP16 |" if lat else ""),
+              "|---|---|" + ("---|" if lat else "")]
+    lines += [f"| {b['block']} | {b['gain']:+.4f} |" + (f" {lat['ms_added'][b['block']]:+.3f} |" if lat else "")
+              for b in res["blocks"]]
     p = res["proposal"]
     lines += ["", f"Proposal ({'reaches' if p['reached_target'] else 'does not reach'} the target {res['target']}): "
-              f"keep {', '.join(p['blocks']) or 'nothing more'} in float; agreement {p['agreement']:.4f}.",
+              f"keep {', '.join(p['blocks']) or 'nothing more'} in float; agreement {p['agreement']:.4f}"
+              + (f", about {p['ms_added']:+.3f} ms" if lat else "") + ".",
               "", "`nodes_to_exclude`: " + ", ".join(f"`{x}`" for x in p["nodes_to_exclude"])]
     return "\n".join(lines) + "\n"
 
@@ -171,6 +226,9 @@ def main(argv=None):
     ap.add_argument("--calib-images", type=positive_int, help="cap the recipe's calib_images (a small folder)")
     ap.add_argument("--target", type=float, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
     ap.add_argument("--max-groups", type=positive_int, default=4)
+    ap.add_argument("--profile", help="by-block.csv of `make profile` (fp16 and this recipe): choose blocks by "
+                                      "agreement gained per millisecond")
+    ap.add_argument("--ms-budget", type=float, help="with --profile: most milliseconds the float blocks may add")
     ap.add_argument("--trt", default="8.6")
     ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity.json (+ .md)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
@@ -180,9 +238,13 @@ def main(argv=None):
     layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
     for path in (out, out.with_suffix(".md")):  # refused before the analysis, not after it
         layout.guard(path)
-    previous = json.loads(out.read_text()) if out.is_file() else None
+    if args.ms_budget is not None and not args.profile:
+        raise UserError("--ms-budget needs --profile (the by-block.csv of `make profile`) to know what blocks cost")
+    # per-block gains are reused from an earlier result on the same model and images: this file's, or the plain one's
+    earlier = next((p for p in (out, out.parent / "sensitivity.json") if p.is_file()), None)
+    previous = json.loads(earlier.read_text()) if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
-                  previous=previous, calib_images=args.calib_images)
+                  previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget)
     layout.write_json(out, res)
     layout.write_text(out.with_suffix(".md"), markdown(res))
     print(markdown(res))

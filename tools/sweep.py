@@ -3,9 +3,9 @@
 A point is one recipe and one deployment profile (one engine); its GPU stages run as a chain of jobs, each a
 `python -m tools.pipeline STAGE RECIPE --profiles P ...` process pinned to one GPU (CUDA_VISIBLE_DEVICES), scheduled
 by tools.scheduler: timings alone on their GPU, builds and accuracy side by side (JOBS_PER_GPU at a time).
-With `screen: {builder_optimization_level: L}` in the grid, every point and reference is first measured at the
-cheaper level L; the Pareto front and the references are then measured again at their recipes' own level, in the
-same run, and the report states how well the screening level ranked them.
+With `screen: {builder_optimization_level: L}` in the grid, FP16, the base and every point are first measured at the
+cheaper level L; the Pareto front is then measured again at the recipes' own level, beside FP16, the base and the
+other references, in the same run, and the report states how well the screening level ranked them.
 Every point is keyed by its inputs (tools.records), so a sweep killed half-way and started again redoes no finished
 work; points can also be sharded over machines (`--shard 1/2`, `--shard 2/2`) and their records folders merged
 (`--table-only` rebuilds the table from whatever records are there).
@@ -40,6 +40,10 @@ from tools.trtlog import to_csv
 
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
          "calibration_percentile": "p"}
+# settings that change only the quantization scales, not the layers TensorRT times (its timing cache keys a layer by
+# type, shapes, precision and formats, not by weights or scales)
+SCALES_ONLY = {"calib_images", "calib_seed", "calibration_method", "calibration_percentile", "calibration_eps",
+               "implicit_calibrator"}
 EXCLUSIVE = {"bench", "layers"}  # stages that measure the GPU: nothing else may run on it meanwhile
 
 
@@ -335,16 +339,18 @@ class Runner:
 
     def chain(self, recipe: Recipe, profile: str, stages) -> list[Job]:
         name = f"{recipe.name}.L{recipe.builder_optimization_level}.{profile}"
-        kind = "int8" if recipe.calibrated else "fp16"
-        affinity = f"L{recipe.builder_optimization_level}-{profile}-{kind}"
+        layers = {"model": recipe.model,
+                  **{k: v for k, v in recipe.engine_settings(profile).items() if k not in SCALES_ONLY}}
+        affinity = digest(layers)  # engines with the same layers: a GPU's build server times them once
         mine = stages + (("layers",) if recipe.name in self.layers and
                          recipe.builder_optimization_level == self.grid.base.builder_optimization_level else ())
         return [Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy") for s in mine]
 
-    def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log, then=None) -> tuple[list[dict], dict]:
-        """Run `stages` of every (recipe, profile); `then(records)` is called with the records of these points once
-        all of them are done and returns more points to run (the front at the final level). Returns the complete
-        records and {point: error}."""
+    def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log, then=None, gate=None
+            ) -> tuple[list[dict], dict]:
+        """Run `stages` of every (recipe, profile); `then(records)` is called with the records of the `gate` points
+        (default: all of them) once those are done, and returns more points to run (the front at the final level),
+        which go ahead of the queue. Returns the complete records and {point: error}."""
         by_chain, chains = {}, []
 
         def add(pairs) -> list[list[Job]]:
@@ -356,8 +362,8 @@ class Runner:
             return new
 
         chains = add(points)
-        first = {c[0].chain for c in chains}
-        follow = [then] if then else []  # asked once, when every first chain has ended
+        gating = {self.chain(r, p, stages)[0].chain for r, p in (points if gate is None else gate)} & set(by_chain)
+        follow = [then] if then else []  # asked once, when every gating chain has ended
         records, settled = {}, set()
 
         def done(job: Job, gpu: str, error) -> list | None:
@@ -373,8 +379,8 @@ class Runner:
                         self.publish(list(records.values()))
             if error is not None or job.stage == chain[-1].stage:
                 settled.add(job.chain)
-                if follow and first <= settled:
-                    return add(follow.pop()([records[c] for c in first if c in records]))
+                if follow and gating <= settled:
+                    return add(follow.pop()([records[c] for c in gating if c in records]))
             return None
 
         with self.build_servers():
@@ -412,17 +418,20 @@ def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=No
     if grid.screen is None:
         records, failed = runner(pairs(points), gpu, stop_after)
         return records, {**failures, **failed}
-    # the references' final-level engines start with the screening (longest builds first); once every screening
-    # point is done, the front joins the queue at the final level, while the references may still be building
-    final = [r for r in points if r.name in refs or r.precision == "fp16"]
+    # Queue: FP16 and the base at the final level first (the longest builds, and every INT8 point's yardsticks), then
+    # the screening of every configuration; once it is done, the front and then the other references at the final
+    # level go ahead of whatever is still queued (they are what the end of the run waits on).
     level = grid.screen.builder_optimization_level
+    base = digest(setup.adapt(grid.base).settings())
+    yardsticks = [r for r in points if r.precision == "fp16" or digest(r.settings()) == base]
+    others = [r for r in points if r.name in refs and r not in yardsticks]
+    screening = pairs([screened(r, grid.screen) for r in points])
 
-    def front_points(done: list[dict]) -> list:
+    def front_and_references(done: list[dict]) -> list:
         best = front(sweep_rows([r for r in done if r["level"] == level], grid), grid.screen.front_max)
-        return pairs([r for r in points if r.name in best and r not in final])
+        return pairs([r for r in points if r.name in best and r not in yardsticks + others] + others)
 
-    records, failed = runner(pairs(final) + pairs([screened(r, grid.screen) for r in points]), gpu, stop_after,
-                             front_points)
+    records, failed = runner(pairs(yardsticks) + screening, gpu, stop_after, front_and_references, screening)
     return records, {**failures, **failed}
 
 
@@ -519,8 +528,8 @@ def main(argv=None):
     runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish,
                     args.layers.split(",") if args.layers else ())
 
-    def run_points(pairs, gpu_stages, stop_after, then=None):
-        return runner.run(shard(pairs, args.shard), gpu_stages, stop_after, print, then)
+    def run_points(pairs, gpu_stages, stop_after, then=None, gate=None):
+        return runner.run(shard(pairs, args.shard), gpu_stages, stop_after, print, then, gate)
 
     records, failures = run_sweep(grid, grid_setup(grid, setup), stages, run_points, args.stop_after,
                                   args.only.split(",") if args.only else None)
