@@ -38,6 +38,7 @@ def test_build_args_and_the_fallback_accepts_them():
     assert parse_layer_spec(opts["layerPrecisions"]) == lp
     assert "--precisionConstraints=obey" in args and "--builderOptimizationLevel=3" in args
     assert opts["profilingVerbosity"] == "detailed"  # so `make profile` can read every layer's precision
+    assert opts["avgTiming"] == "8"  # trtexec's default, explicit: the fallback's builder API would time tactics once
     b1 = parse_flags(build_args(r, "b1", p, "m.onnx", "e.engine", calib_cache="c.cache"))
     assert parse_shapes(b1["optShapes"]) == {"images": (1, 3, 640, 640)}
 

@@ -363,6 +363,12 @@ def test_not_a_detector_one_line(tmp_path):
     (tmp_path / "text.onnx").write_text("not a model\n")
     one_line_error(run_tool("tools.evaluate", str(tmp_path / "text.onnx"), "--images", str(MINI), "--limit", "2"),
                    "text.onnx", "cannot load it")
+    # a model newer than this ONNX Runtime: the line names the cause, not ONNX Runtime's source file and C++ signature
+    model.ir_version = 99
+    onnx.save(model, tmp_path / "future.onnx")
+    res = run_tool("tools.evaluate", str(tmp_path / "future.onnx"), "--images", str(MINI), "--limit", "2")
+    one_line_error(res, "future.onnx", "cannot load it", "IR version")
+    assert "onnxruntime_src" not in res.stderr
 
 
 def test_output_path_that_is_a_folder(tmp_path):

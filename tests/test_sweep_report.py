@@ -169,6 +169,10 @@ def test_selection_rule_same_level_fp16_and_halves():
     assert select(table, 2.0)["latency"] == "fast-bad"
     none = select(table, 0.0)
     assert none["latency"] is None and none["closest"] == "wide"  # the most accurate INT8 (on half A)
+    # accurate INT8 engines slower than FP16 (bad batch-1 builds, say) are never the choice
+    slow = [dict(r, latency_ms_p50=r["latency_ms_p50"] * 2, throughput_ips=r["throughput_ips"] / 2)
+            if r["config"] != "fp16" else r for r in rows]
+    assert select(Table(slow, final_level=3), budget=0.5)["latency"] is None
 
 
 def test_kendall_tau():
@@ -232,3 +236,24 @@ def test_runner_adds_the_front_once_the_screening_is_done(tmp_path, monkeypatch)
     assert not failures and asked == [len(screen)] and len(records) == len(screen) + 1
     last_screen = max(i for i, (c, st) in enumerate(ran) if c.endswith(".L1.b1") and st == "accuracy")
     assert ran.index((f"{late[0][0].name}.L3.b1", "engine")) > last_screen
+
+
+def test_report_profile_section_reads_the_committed_by_block_table(tmp_path):
+    """REPORT.md's profile section is built from `make profile`'s by-block CSV of the throughput profile."""
+    import csv
+    import shutil
+
+    from tools.records import Layout
+    from tools.report import Table, profile_section
+
+    src = REPO / "results/yolo11n/profile/b32-L3/by-block.csv"
+    layout = Layout("yolo11n", tmp_path, tmp_path / "results")
+    (layout.out / "profile" / "b32-L3").mkdir(parents=True)
+    shutil.copy(src, layout.out / "profile" / "b32-L3" / "by-block.csv")
+    rows = [{"config": "fp16", "precision": "fp16", "level": 3, "profile": p, "batch": b, "latency_ms_p50": 1.0,
+             "throughput_ips": 1000.0 * b, "map50_95": 0.37} for p, b in (("b1", 1), ("b32", 32))]
+    md = "\n".join(profile_section(layout, Table(rows, final_level=3)))
+    total = next(r for r in csv.DictReader(open(src)) if r["block"] == "all")
+    assert f"| int8-qdq | {float(total['speedup_int8-qdq']):.2f}x | {float(total['conv_speedup_int8-qdq']):.2f}x" in md
+    assert "profile/b32-L3/profile.md" in md
+    assert profile_section(Layout("yolo11n", tmp_path, tmp_path / "none"), Table(rows, final_level=3)) == []

@@ -55,14 +55,20 @@ def shape_args(profile: Profile, imgsz: int) -> list[str]:
             f"--maxShapes={shape(profile.max, imgsz)}"]
 
 
+# Kernel selection averages this many runs of each tactic: trtexec's default, given explicitly because the builder
+# API's own default (which the fallback would get) is 1, and one timing of a few-microsecond batch-1 kernel on a busy
+# host picks noticeably slower tactics (measured: results/yolo11n/REPORT.md, "batch 1 at level 3").
+AVG_TIMING = 8
+
+
 def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
                layer_precisions: dict[str, str] | None = None) -> list[str]:
     """trtexec flags for building one engine of this recipe: the named deployment profile's shapes, the plan's
-    precision flags and the builder level. Detailed profiling verbosity costs no speed and lets `make profile` read
+    precision flags, the builder level and trtexec's tactic-timing average. Detailed profiling verbosity costs no speed and lets `make profile` read
     every layer's precision and tactic from the engine."""
     args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}", *shape_args(recipe.profiles[profile], recipe.imgsz),
             *p.precision_flags, f"--builderOptimizationLevel={recipe.builder_optimization_level}",
-            "--profilingVerbosity=detailed"]
+            f"--avgTiming={AVG_TIMING}", "--profilingVerbosity=detailed"]
     if p.implicit_calibration:
         if calib_cache is None:
             raise UserError(f"recipe {recipe.name!r}: int8-implicit needs a calibration cache; run its calib step")

@@ -40,13 +40,21 @@ class OnnxrtBackend:
         try:
             self.session = ort.InferenceSession(onnxruntime_model(onnx_path), opts, providers=providers)
         except Exception as e:  # ORT raises its own InvalidGraph/Fail/NoSuchFile types
-            raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
+            raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({onnxruntime_reason(e)})") from None
         check_detector(onnx_path, self.session)
         self.input = self.session.get_inputs()[0].name
         self.name = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
 
     def infer(self, x):
         return self.session.run(None, {self.input: x})[0]
+
+
+def onnxruntime_reason(error: Exception) -> str:
+    """The cause in one of ONNX Runtime's errors, without its source location and C++ signature."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "onnxruntime_src" in line:  # "... : FAIL : /onnxruntime_src/...cc:181 ns::Fn(args...) <the cause>"
+        line = line.rsplit(") ", 1)[-1]
+    return line[:200]
 
 
 def onnxruntime_model(onnx_path) -> bytes | str:

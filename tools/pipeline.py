@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from tools.common import REPO, UserError, default_trtexec, non_negative_int, positive_int, positive_number, run_main
+from tools.engine import AVG_TIMING
 from tools.records import LOG_KEYS, RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
 from tools.recipe import Recipe, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
@@ -177,7 +178,7 @@ class Point:
     @cached_property
     def engine_key(self) -> str:
         return digest({"settings": self.recipe.engine_settings(self.profile), "onnx": file_digest(self.onnx),
-                       "trt": self.setup.version(), "gpu": self.gpu,
+                       "trt": self.setup.version(), "gpu": self.gpu, "avg_timing": AVG_TIMING,
                        "implicit_calibration": self.implicit_cache.name if self.implicit_cache else None})
 
     @cached_property

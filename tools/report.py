@@ -2,8 +2,8 @@
 
 Selection rule (stated in the report): among the INT8-mixed configurations measured at the final builder level, the
 fastest at the latency profile (smallest batch) whose mAP50-95 is within BUDGET mAP points of the FP16 engine of the
-same level and profile, and the one with the highest throughput at the throughput profile (largest batch) under the
-same budget. The rule reads the accuracy of one half of the evaluation images (half A); the other half (B) confirms
+same level and profile and which is faster than it, and the one with the highest throughput at the throughput profile
+(largest batch) under the same conditions. The rule reads the accuracy of one half of the evaluation images (half A); the other half (B) confirms
 the drop, and the report says so when the halves disagree by more than engine-to-engine noise. Every speed-up is
 against FP16 built at the same level and profile and timed in the same run. Both choices are set against the two
 Ultralytics recipes. Where the sweep screened at a cheaper level, the report shows how well it ranked the front.
@@ -75,8 +75,11 @@ def select(table: Table, budget: float) -> dict:
     int8 = lambda at: [c for c, r in at.items() if r["precision"] in ("int8-qdq", "int8-implicit")]  # noqa: E731
     within = lambda at: [c for c in int8(at)  # noqa: E731
                          if selection_map(at[c]) >= selection_map(at["fp16"]) - budget / 100]
-    fastest = min(within(lat), key=lambda c: best(lat[c], "latency_ms_p50"), default=None)
-    widest = max(within(thr), key=lambda c: best(thr[c], "throughput_ips"), default=None)
+    # an INT8 engine slower than FP16 in its profile is no choice, however accurate
+    faster = [c for c in within(lat) if best(lat[c], "latency_ms_p50") < best(lat["fp16"], "latency_ms_p50")]
+    wider = [c for c in within(thr) if best(thr[c], "throughput_ips") > best(thr["fp16"], "throughput_ips")]
+    fastest = min(faster, key=lambda c: best(lat[c], "latency_ms_p50"), default=None)
+    widest = max(wider, key=lambda c: best(thr[c], "throughput_ips"), default=None)
     closest = max(int8(lat), key=lambda c: selection_map(lat[c]), default=None)
     return {"budget": budget, "level": table.final, "latency_profile": table.latency_profile,
             "throughput_profile": table.throughput_profile, "small_batch": table.small, "large_batch": table.large,
@@ -121,18 +124,17 @@ def speedup_table(table: Table, config: str, level: int) -> str:
 def selection_section(table: Table, choice: dict) -> list[str]:
     lat, level = table.latency(), table.final
     md = []
-    if choice["latency"]:
-        md += [f"**Chosen (latency, profile `{table.latency_profile}`): `{choice['latency']}`**, "
-               f"{accuracy_text(lat, choice['latency'])}.", "", speedup_table(table, choice["latency"], level), ""]
-        thr = choice["throughput"]
-        md += [f"**Throughput-optimal (profile `{table.throughput_profile}`, batch {table.large}): `{thr}`**, "
-               f"{accuracy_text(table.throughput(), thr)}.", ""]
-        if thr != choice["latency"]:
-            md += [speedup_table(table, thr, level), ""]
-    else:
-        md += [f"**Chosen: `fp16`**: no INT8-mixed configuration is within {choice['budget']} mAP points of FP16 at "
-               f"level {level}, so FP16 stays the choice at this budget (`make report BUDGET=...` applies another).",
-               ""]
+    for role, config, at, profile in (("latency", choice["latency"], lat, table.latency_profile),
+                                      ("throughput", choice["throughput"], table.throughput(), table.throughput_profile)):
+        title = "Chosen (latency" if role == "latency" else "Throughput-optimal (batch " + str(table.large)
+        if config:
+            md += [f"**{title}, profile `{profile}`): `{config}`**, {accuracy_text(at, config)}.", ""]
+            if role == "latency" or config != choice["latency"]:
+                md += [speedup_table(table, config, level), ""]
+        else:
+            md += [f"**{title}, profile `{profile}`): `fp16`**: no INT8-mixed configuration at level {level} is both "
+                   f"within {choice['budget']} mAP points of FP16 and faster than it in this profile, so FP16 stays "
+                   f"the choice at this budget (`make report BUDGET=...` applies another).", ""]
     if choice["closest"] and choice["closest"] != choice["latency"]:
         md += [f"Most accurate INT8-mixed configuration: `{choice['closest']}`, {accuracy_text(lat, choice['closest'])}"
                f":", "", speedup_table(table, choice["closest"], level), ""]
@@ -282,6 +284,45 @@ def cost(sweep: dict) -> str:
     return text + (f"; {sweep['note']}" if sweep.get("note") else "")
 
 
+def profile_section(layout: Layout, table: Table) -> list[str]:
+    """Where INT8 loses its 2x at the throughput profile, from `make profile`'s by-block table, where it exists."""
+    import csv
+
+    folder = layout.out / "profile" / f"{table.throughput_profile}-L{table.final}"
+    if not (folder / "by-block.csv").is_file():
+        return []
+    with open(folder / "by-block.csv", newline="") as f:
+        rows = {r["block"]: r for r in csv.DictReader(f)}
+    total = rows.pop("all")
+    engines = [k[len("speedup_"):] for k in total if k.startswith("speedup_")]
+    md = [f"## Where the INT8 speed-up stops (per-layer profile, profile `{table.throughput_profile}`, level "
+          f"{table.final})", "",
+          f"Sums of per-layer medians (TensorRT's profiler synchronises after every layer: read ratios, not absolute "
+          f"times); details in [profile.md]({folder.relative_to(layout.out)}/profile.md).", "",
+          "| engine | layer-sum speed-up | conv speed-up | reformat ms (FP16: "
+          f"{float(total['reformat_ms_fp16']):.3f}) | Q/DQ ms | ms above half of FP16 | blocks furthest above half |",
+          "|---|---|---|---|---|---|---|"]
+    for e in engines:
+        worst = sorted(rows, key=lambda b: -float(rows[b][f"above_2x_ms_{e}"]))[:3]
+        md.append(f"| {e} | {float(total[f'speedup_{e}']):.2f}x | {float(total[f'conv_speedup_{e}']):.2f}x | "
+                  f"{float(total[f'reformat_ms_{e}']):.3f} | {float(total[f'qdq_ms_{e}']):.3f} | "
+                  f"{float(total[f'above_2x_ms_{e}']):.3f} | "
+                  + ", ".join(f"{b} (+{float(rows[b][f'above_2x_ms_{e}']):.3f})" for b in worst) + " |")
+    return md + [""]
+
+
+def unmeasured_references(sweep: dict, table: Table) -> str:
+    """' Not measured at level L: ...' for the grid's references the run ended before measuring at the final level."""
+    from tools.sweep import load_grid
+
+    try:
+        refs = [r.name for r in load_grid(sweep["grid"]).references]
+    except (UserError, KeyError):  # the grid moved or changed since: nothing to name
+        return ""
+    missing = [r for r in refs if r not in table.latency() or r not in table.throughput()]
+    return f" Not measured at level {table.final} in this run: {', '.join(missing)}." if missing else ""
+
+
 def write_report(layout: Layout, budget: float) -> Path:
     sweep_path = layout.out / "sweep.json"
     if not sweep_path.is_file():
@@ -305,16 +346,16 @@ def write_report(layout: Layout, budget: float) -> Path:
           f"`{sweep['grid']}`); {cost(sweep)}. Timings are GPU compute medians (CUDA graph or not, whichever is faster)"
           f" measured in this one run; each engine is timed at the batch its profile was built for. mAP on the COCO "
           f"val2017 evaluation set named in each record; calibration on disjoint images.", "",
-          *(["**Partial sweep** (failures or a stop before the end): the selection covers only what was measured.",
-             ""] if not sweep.get("complete", True) else []),
+          *(["**Partial sweep** (failures or a stop before the end): the selection covers only what was measured."
+             + unmeasured_references(sweep, table), ""] if not sweep.get("complete", True) else []),
           "## Selection", "",
           f"Rule: among the INT8-mixed configurations built at builder level {level}, the fastest at profile "
-          f"`{table.latency_profile}` (batch {table.small}) whose mAP50-95 is within {budget} mAP points of the FP16 "
-          f"engine of the same level and profile "
-          + ("on half A of the evaluation images (half B confirms it)" if choice["halves"] else
-             "(these records have no evaluation halves: the rule reads all images)")
-          + f"; also the highest throughput at profile `{table.throughput_profile}` (batch {table.large}) under the "
-            f"same budget.", ""]
+          f"`{table.latency_profile}` (batch {table.small}) whose mAP50-95 "
+          + ("on half A of the evaluation images (half B confirms it) " if choice["halves"] else
+             "(these records have no evaluation halves: the rule reads all images) ")
+          + f"is within {budget} mAP points of the FP16 engine of the same level and profile, and which is faster "
+            f"than that engine; likewise the highest throughput at profile `{table.throughput_profile}` (batch "
+            f"{table.large}).", ""]
     md += selection_section(table, choice)
     deployed = choice["latency"] or "fp16"
     rec = read_json(next(layout.points.glob(f"*.{table.latency()[deployed]['key']}.json")))
@@ -323,6 +364,7 @@ def write_report(layout: Layout, budget: float) -> Path:
     layout.write_text(out / "chosen.yaml", f"# chosen by `make report` (rule in REPORT.md); copy to recipes/{model}/ "
                                            f"to rebuild\n" + dump(from_dict(rec["recipe"])))
     md += deploy_section(layout, rec)
+    md += profile_section(layout, table)
     md += screening_section(table, sweep.get("screen_level"))
     md += ["## Plots", "", "![latency](pareto_latency.png) ![throughput](pareto_throughput.png)", ""]
     for lvl in reversed(table.levels):

@@ -20,7 +20,8 @@ from tools.common import UserError, atomic_path, run_main
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
-                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device"}
+                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming"}
+AVG_TIMING = 8  # trtexec's default for --avgTiming; the builder API's own default is 1
 SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
             "useSpinWait"}
 
@@ -113,6 +114,7 @@ class Fallback:
                 config.set_flag(getattr(trt.BuilderFlag, flag))
         if "builderOptimizationLevel" in o:
             config.builder_optimization_level = int(o["builderOptimizationLevel"])
+        config.avg_timing_iterations = int(o.get("avgTiming", AVG_TIMING))
         profile = self._profile(builder, network)
         if profile is not None:
             config.add_optimization_profile(profile)
