@@ -105,3 +105,33 @@ def test_profile_without_the_recipe_column_is_a_one_line_error(tmp_path):
         block_costs(bad, "int8-qdq")
     with pytest.raises(UserError, match="make profile"):
         block_costs(tmp_path / "missing.csv", "int8-qdq")
+
+
+def test_concat_rewrite_is_exact_and_gives_concats_one_scale(quantized):
+    """`qdq_rewrites: [concat]` through the quantize step: every input of a quantized Concat carries the output's
+    scale, ONNX Runtime computes the same detections bit for bit, and the plain model keeps its key and bytes."""
+    import onnxruntime as ort
+
+    from conftest import MINI
+    from tools.common import preprocess, to_input
+    from tools.qdq_rules import quantize_concat_inputs
+
+    root, recipe, plain = quantized
+    path = quantize(recipe.replace(name="concat", qdq_rewrites=["concat"]), "8.6", CALIB, root=root)
+    assert path != plain and "qdq_rewrites" not in recipe.settings("quantize")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert len(meta["qdq_rewrites"]["concat"]) >= 10  # every C3k2 block and the neck's Concats
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumer = {i: n for n in model.graph.node for i in n.input}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name in meta["qdq_rewrites"]["concat"]:
+        concat = next(n for n in model.graph.node if n.name == name)
+        out_scale = inits[consumer[concat.output[0]].input[1]]
+        for i in concat.input:
+            assert producer[i].op_type == "DequantizeLinear" and inits[producer[i].input[1]] == out_scale
+    assert quantize_concat_inputs(model) == []  # nothing left to rewrite
+    images = sorted((MINI / "images").iterdir())[:2]
+    x = to_input(np.stack([preprocess(p, 640)[0] for p in images]))
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
+    assert np.array_equal(run(plain), run(path))

@@ -53,6 +53,17 @@ def test_default_grid_screens_at_level_1():
     assert {"fp16", "int8-qdq", "int8-implicit", "int8-ultralytics"} <= {p.name for p in expand(grid)}
 
 
+def test_a_field_at_its_omitted_default_leaves_keys_and_names_alone():
+    """`qdq_rewrites` came after the published sweep: at its default it is in no key and no point name, so the
+    points measured before keep their keys; set, it names its point and changes its key."""
+    grid = load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO)
+    points = {p.name: p for p in expand(grid)}
+    assert "qdq-entropy-n400-x-dfl" in points and "qdq_rewrites" not in points["qdq-entropy-n400-x-dfl"].settings()
+    rewritten = points["qdq-entropy-n400-x-default-r-concat"]
+    assert rewritten.settings()["qdq_rewrites"] == ["concat"]
+    assert digest(rewritten.replace(qdq_rewrites=[]).settings()) == digest(points["int8-qdq"].settings())
+
+
 @pytest.mark.parametrize("mutate,expected", [
     (lambda g: g["axes"].update(learning_rate=[1]), "not a recipe key"),
     (lambda g: g.update(bench={"duraton_s": 1}), "unknown key `bench.duraton_s`"),

@@ -224,6 +224,20 @@ def finish_qdq_model(qdq_onnx, hp_dtype: str) -> list[dict]:
     return raised
 
 
+def rewrite_qdq(qdq_onnx, rewrites) -> dict[str, list[str]]:
+    """The recipe's Q/DQ placement rewrites (tools/qdq_rules.py) on ModelOpt's output, in the file."""
+    if not rewrites:
+        return {}
+    import onnx
+
+    from tools.qdq_rules import apply
+
+    model = onnx.load(str(qdq_onnx))
+    changed = apply(model, rewrites)
+    onnx.save(model, str(qdq_onnx))
+    return changed
+
+
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
@@ -261,6 +275,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
+        rewritten = rewrite_qdq(result, recipe.qdq_rewrites)
         raised = finish_qdq_model(result, hp_dtype)
         counts = node_counts(result)
         os.replace(result, out)
@@ -272,7 +287,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
         "command": command.replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
-        "fp16_weight_scales_raised": raised})
+        "fp16_weight_scales_raised": raised, "qdq_rewrites": rewritten})
     print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
     return out
 

@@ -19,6 +19,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       model_validator)
 
 from tools.common import REPO, UserError
+from tools.qdq_rules import REWRITES
 
 PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
 CALIBRATION_METHODS = ("entropy", "max", "mse", "percentile")
@@ -39,10 +40,13 @@ Regex = Annotated[StrictStr, AfterValidator(_regex)]
 Batch = Annotated[StrictInt, Field(ge=1, le=4096)]
 
 
-def shaped(stage: str, precisions: tuple[str, ...] = PRECISIONS, when: tuple[str, str] | None = None, **kw):
+def shaped(stage: str, precisions: tuple[str, ...] = PRECISIONS, when: tuple[str, str] | None = None,
+           omit_default: bool = False, **kw):
     """A field that shapes `stage`'s artifacts for `precisions` (and so belongs to their cache keys); `when`
-    (key, value): only while another field has that value."""
-    return Field(json_schema_extra={"stage": stage, "precisions": precisions, "when": when}, **kw)
+    (key, value): only while another field has that value; `omit_default`: only when set to something other than
+    its default (a field added later, whose default is the old behaviour, leaves existing keys and names alone)."""
+    return Field(json_schema_extra={"stage": stage, "precisions": precisions, "when": when,
+                                    "omit_default": omit_default}, **kw)
 
 
 class Frozen(BaseModel):
@@ -115,6 +119,9 @@ class Recipe(Frozen):
     op_types_to_exclude: tuple[StrictStr, ...] = shaped("quantize", QDQ, default=())
     # what TensorRT 10 gets; 8.6 needs fp32 and 11 fp16 (tools/trt_plan.py)
     high_precision_dtype: Literal["fp32", "fp16"] = shaped("quantize", QDQ, default="fp32")
+    # Q/DQ placement rewrites after ModelOpt (tools/qdq_rules.py): `concat` gives every input of a quantized Concat
+    # its output's scale (exact; lets TensorRT concatenate in INT8)
+    qdq_rewrites: tuple[Literal[REWRITES], ...] = shaped("quantize", QDQ, omit_default=True, default=())
     calibration_eps: tuple[Annotated[StrictStr, Field(pattern=r"^(cpu|trt|cuda:\d+|dml:\d+)$")], ...] = \
         shaped("quantize", QDQ, default=("cpu",))
     # --- TensorRT implicit INT8 (int8-implicit only; TensorRT <= 10) ----------------------------------------
@@ -150,8 +157,15 @@ class Recipe(Frozen):
             if not meta or STAGES.index(meta["stage"]) > STAGES.index(upto) or self.precision not in meta["precisions"]:
                 continue
             if meta["when"] is None or getattr(self, meta["when"][0]) == meta["when"][1]:
-                out[name] = _plain(getattr(self, name))
+                if not self.at_omitted_default(name):
+                    out[name] = _plain(getattr(self, name))
         return out
+
+    def at_omitted_default(self, name: str) -> bool:
+        """An `omit_default` field at its default: neither in keys nor in sweep point names."""
+        f = type(self).model_fields[name]
+        return bool((f.json_schema_extra or {}).get("omit_default")) and getattr(self, name) == f.get_default(
+            call_default_factory=True)
 
     def engine_settings(self, profile: str) -> dict:
         """What one engine of this recipe is built from: the engine-stage settings and that profile's shapes."""
@@ -175,6 +189,7 @@ FIELDS = tuple(Recipe.model_fields)
 HINTS = {
     "precision": f"one of {', '.join(PRECISIONS)}",
     "calibration_method": f"one of {', '.join(CALIBRATION_METHODS)}",
+    "qdq_rewrites": f"a YAML list of: {', '.join(REWRITES)}",
     "calibration_percentile": "a percentile in (0, 100], e.g. 99.99",
     "calib_images": "a whole number of images >= 1, e.g. 400",
     "builder_optimization_level": "a whole number 0..5 (TensorRT's default is 3), unquoted",

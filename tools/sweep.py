@@ -39,7 +39,7 @@ from tools.summary import engine_rows
 from tools.trtlog import to_csv
 
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
-         "calibration_percentile": "p"}
+         "calibration_percentile": "p", "qdq_rewrites": "r-"}
 # settings that change only the quantization scales, not the layers TensorRT times (its timing cache keys a layer by
 # type, shapes, precision and formats, not by weights or scales)
 SCALES_ONLY = {"calib_images", "calib_seed", "calibration_method", "calibration_percentile", "calibration_eps",
@@ -153,7 +153,7 @@ def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
 
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
-    parts = [label_of(k, getattr(recipe, k), grid.axes[k]) for k in grid.axes]
+    parts = [label_of(k, getattr(recipe, k), grid.axes[k]) for k in grid.axes if not recipe.at_omitted_default(k)]
     return ("qdq-" if recipe.precision == "int8-qdq" else recipe.precision + "-") + "-".join(parts)
 
 

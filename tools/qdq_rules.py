@@ -1,0 +1,114 @@
+"""Q/DQ placement rewrites after ModelOpt, from TensorRT's explicit-quantization rules (recipe key `qdq_rewrites`).
+
+`concat`: a Concat whose only consumer quantizes its output gets that QuantizeLinear's scale on every input: each
+input goes through Q/DQ at the output's scale (an input already dequantized at another scale is requantized). Per
+tensor, quantizing the inputs at one scale and concatenating is the same arithmetic as concatenating and quantizing
+the result, so the model computes exactly what it did; what changes is that TensorRT sees a Concat whose inputs and
+output share one scale, which it can run in INT8 without requantizing or copying between formats (ModelOpt leaves
+the Split and residual-Add inputs of YOLO11's C3k2 Concats in float, and the neck's Concats mix scales).
+Usage (on a Q/DQ model): python -m tools.qdq_rules IN.onnx OUT.onnx --rewrites concat
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from tools.common import UserError, atomic_path, run_main
+
+REWRITES = ("concat",)
+
+
+def _scalar(model, name: str):
+    import numpy as np
+    from onnx import numpy_helper
+
+    init = next((i for i in model.graph.initializer if i.name == name), None)
+    return None if init is None else np.asarray(numpy_helper.to_array(init)).item()
+
+
+def _zero(model, node) -> int:
+    return _scalar(model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0
+
+
+def quantize_concat_inputs(model) -> list[str]:
+    """Rewrite `concat` in place (see the module docstring); returns the Concat nodes rewritten."""
+    from onnx import helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in graph.output}
+    initializers = {i.name for i in graph.initializer}
+    rewritten, new_nodes = [], {}
+    for concat in (n for n in graph.node if n.op_type == "Concat"):
+        users = consumers[concat.output[0]]
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or concat.output[0] in outputs:
+            continue
+        q = users[0]
+        scale, zero = q.input[1], q.input[2] if len(q.input) > 2 else ""
+        inserted = []
+        for k, name in enumerate(concat.input):
+            if not name or name in initializers:
+                continue
+            dq = producer.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear" and \
+                    (_scalar(model, dq.input[1]), _zero(model, dq)) == (_scalar(model, scale), _zero(model, q)):
+                continue  # already at the output's scale
+            stem = f"{concat.name}/input{k}"
+            qargs, attrs = [name, scale] + ([zero] if zero else []), {a.name: helper.get_attribute_value(a)
+                                                                      for a in q.attribute}
+            inserted += [helper.make_node("QuantizeLinear", qargs, [f"{stem}_quantized"], f"{stem}_QuantizeLinear",
+                                          **attrs),
+                         helper.make_node("DequantizeLinear", [f"{stem}_quantized", scale] + ([zero] if zero else []),
+                                          [f"{stem}_dequantized"], f"{stem}_DequantizeLinear",
+                                          **{a: v for a, v in attrs.items() if a == "axis"})]
+            concat.input[k] = f"{stem}_dequantized"
+        if inserted:
+            new_nodes[concat.name] = inserted
+            rewritten.append(concat.name)
+    if new_nodes:  # keep the node list topologically sorted: the new pairs go right before their Concat
+        nodes = []
+        for n in graph.node:
+            nodes += new_nodes.get(n.name, []) if n.op_type == "Concat" else []
+            nodes.append(n)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return rewritten
+
+
+def apply(model, rewrites) -> dict[str, list[str]]:
+    """Apply the named rewrites in place; {rewrite: nodes it changed}."""
+    unknown = [r for r in rewrites if r not in REWRITES]
+    if unknown:
+        raise UserError(f"unknown Q/DQ rewrite(s) {', '.join(unknown)}; known: {', '.join(REWRITES)}")
+    return {r: quantize_concat_inputs(model) for r in rewrites if r == "concat"}
+
+
+def main(argv=None):
+    import onnx
+
+    ap = argparse.ArgumentParser(prog="python -m tools.qdq_rules", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="a Q/DQ ONNX model (from make quantize)")
+    ap.add_argument("output")
+    ap.add_argument("--rewrites", default="concat", help=f"comma-separated, of: {', '.join(REWRITES)}")
+    args = ap.parse_args(argv)
+    if not Path(args.input).is_file():
+        raise UserError(f"{args.input}: no such model; give a Q/DQ model (`make quantize` writes them to models/)")
+    try:
+        model = onnx.load(args.input)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types for a file that is no model
+        raise UserError(f"{args.input}: not an ONNX model ({str(e).splitlines()[0][:120]})") from None
+    changed = apply(model, args.rewrites.split(","))
+    with atomic_path(args.output) as tmp:
+        onnx.save(model, str(tmp))
+    for rewrite, nodes in changed.items():
+        print(f"{rewrite}: {len(nodes)} nodes rewritten -> {args.output}")
+
+
+if __name__ == "__main__":
+    run_main(main)
