@@ -57,7 +57,7 @@ def shape_args(profile: Profile, imgsz: int) -> list[str]:
 
 # Kernel selection averages this many runs of each tactic: trtexec's default, given explicitly because the builder
 # API's own default (which the fallback would get) is 1, and one timing of a few-microsecond batch-1 kernel on a busy
-# host picks noticeably slower tactics (measured: results/yolo11n/REPORT.md, "batch 1 at level 3").
+# host can rank tactics wrongly (the suspected cause of README's "Batch 1 at level 3, two INT8 engines slower").
 AVG_TIMING = 8
 
 
