@@ -159,6 +159,22 @@ def _children(pid: int) -> list[int]:
     return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _stat(d.name)[1:2] == [str(pid)]]
 
 
+def _copies_of_mini(folder: Path, copies: int) -> Path:
+    """An evaluation folder holding `copies` copies of coco-mini (images linked, ids and annotations renumbered)."""
+    gt = json.loads((MINI / "annotations.json").read_text())
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for k in range(copies):
+        new_id = {im["id"]: k * 10**9 + im["id"] for im in gt["images"]}
+        for im in gt["images"]:
+            name = f"{new_id[im['id']]:012d}.jpg"
+            (folder / "images" / name).symlink_to(MINI / "images" / im["file_name"])
+            images.append({**im, "id": new_id[im["id"]], "file_name": name})
+        annotations += [{**a, "id": k * 10**9 + a["id"], "image_id": new_id[a["image_id"]]} for a in gt["annotations"]]
+    (folder / "annotations.json").write_text(json.dumps({**gt, "images": images, "annotations": annotations}))
+    return folder
+
+
 def _running(pid: int) -> bool:
     return _stat(pid)[:1] not in ([], ["Z"])
 
@@ -169,10 +185,12 @@ def _running(pid: int) -> bool:
 def test_interrupted_evaluation_ends_cleanly(tmp_path, sig, whom, code):
     """Ctrl-C (SIGINT to the terminal's process group), `timeout` (SIGTERM to the group) and `kill PID`: one line,
     exit 128 + signal, no output file, the pool's workers gone."""
-    out = tmp_path / "OUT.json"
-    # at 1280 pixels the 32 images take about 10 s on 2 cores (about 4 s at 640, which an idle machine finishes before
-    # the signal below), so the signal lands while the pool is predicting
-    proc = start_tool("tools.evaluate", str(MODEL), "--images", str(MINI), "--batch", "4", "--workers", "2",
+    # ten copies of the 32 images at 1280 pixels: over a minute on 2 cores, so the signal below always lands while the
+    # pool is predicting (the 32 images alone were finished before it on an idle machine)
+    images = _copies_of_mini(tmp_path / "images10", 10)
+    out = tmp_path / "run" / "OUT.json"
+    out.parent.mkdir()
+    proc = start_tool("tools.evaluate", str(MODEL), "--images", str(images), "--batch", "4", "--workers", "2",
                       "--imgsz", "1280", "-o", str(out))
     workers = []
     try:
@@ -191,7 +209,7 @@ def test_interrupted_evaluation_ends_cleanly(tmp_path, sig, whom, code):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == code, stderr
     assert stderr.strip() == "interrupted"
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not out.exists() and not list(out.parent.iterdir())
     assert len(workers) == 2 and not any(map(_running, workers))
 
 
