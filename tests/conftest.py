@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ def run_tool(*args, cwd=REPO, **env):
 
 
 def start_tool(*args, cwd=REPO):
-    """Start a tool in a process group of its own, as a shell starts a job: os.killpg(p.pid, ...) then signals it the
-    way Ctrl-C or `timeout` do (the tool and every process it forked)."""
+    """Start a tool in a process group of its own, as a shell starts a foreground job: os.killpg(p.pid, ...) then
+    signals it the way Ctrl-C or `timeout` do (the tool and every process it forked). Ctrl-C gets its default action
+    back first: a test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python then
+    leaves it ignored, so the tool would never see the Ctrl-C the test sends."""
     return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=tool_env(), start_new_session=True)
+                            text=True, env=tool_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -185,8 +185,8 @@ def _running(pid: int) -> bool:
 def test_interrupted_evaluation_ends_cleanly(tmp_path, sig, whom, code):
     """Ctrl-C (SIGINT to the terminal's process group), `timeout` (SIGTERM to the group) and `kill PID`: one line,
     exit 128 + signal, no output file, the pool's workers gone."""
-    # ten copies of the 32 images at 1280 pixels: over a minute on 2 cores, so the signal below always lands while the
-    # pool is predicting (the 32 images alone were finished before it on an idle machine)
+    # ten copies of the 32 images at 1280 pixels: over a minute on 2 cores, so the signal below lands while the pool
+    # is predicting however fast the machine is
     images = _copies_of_mini(tmp_path / "images10", 10)
     out = tmp_path / "run" / "OUT.json"
     out.parent.mkdir()
