@@ -17,6 +17,7 @@ from pathlib import Path
 from tools.common import UserError, atomic_path, default_trtexec, run_main
 from tools.recipe import Profile, Recipe, load
 from tools.trt_plan import Plan, detect_version, plan
+from tools.trtexec_py import AVG_TIMING
 
 INPUT = "images"
 
@@ -55,17 +56,12 @@ def shape_args(profile: Profile, imgsz: int) -> list[str]:
             f"--maxShapes={shape(profile.max, imgsz)}"]
 
 
-# Kernel selection averages this many runs of each tactic: trtexec's default, given explicitly because the builder
-# API's own default (which the fallback would get) is 1, and one timing of a few-microsecond batch-1 kernel on a busy
-# host can rank tactics wrongly (the suspected cause of README's "Batch 1 at level 3, two INT8 engines slower").
-AVG_TIMING = 8
-
-
 def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
                layer_precisions: dict[str, str] | None = None) -> list[str]:
-    """trtexec flags for building one engine of this recipe: the named deployment profile's shapes, the plan's
-    precision flags, the builder level and trtexec's tactic-timing average. Detailed profiling verbosity costs no speed and lets `make profile` read
-    every layer's precision and tactic from the engine."""
+    """trtexec flags for building one engine of this recipe: the named deployment profile's shapes, the plan's precision
+    flags, the builder level and trtexec's tactic-timing average (given explicitly: see AVG_TIMING). Detailed
+    profiling verbosity costs no speed and lets `make profile` read every layer's precision and tactic from the
+    engine."""
     args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}", *shape_args(recipe.profiles[profile], recipe.imgsz),
             *p.precision_flags, f"--builderOptimizationLevel={recipe.builder_optimization_level}",
             f"--avgTiming={AVG_TIMING}", "--profilingVerbosity=detailed"]

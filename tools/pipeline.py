@@ -270,10 +270,18 @@ def quantize_done(point: Point) -> bool:
                           point.calib_npy.stem).is_file()
 
 
+def onnxrt_source(point: Point) -> Path:
+    """The model the engine starts from: the recipe's Q/DQ model, or the FP32 one."""
+    return point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
+
+
+def onnxrt_kind(point: Point, onnx: Path) -> str:
+    return "fp32" if onnx == point.model_onnx else point.recipe.name
+
+
 def onnxrt_path(point: Point, onnx: Path) -> Path:
     key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"]})
-    kind = "fp32" if onnx == point.model_onnx else point.recipe.name
-    return point.layout.onnxrt / f"{kind}.{key}.json"
+    return point.layout.onnxrt / f"{onnxrt_kind(point, onnx)}.{key}.json"
 
 
 def onnxrt_score(point: Point, onnx: Path) -> dict:
@@ -284,7 +292,7 @@ def onnxrt_score(point: Point, onnx: Path) -> dict:
     if out.is_file():
         return read_json(out, "ONNX Runtime result")
     res = evaluate(onnx, point.setup.eval_dir, limit=point.setup.eval_limit, batch=8)
-    res.update(kind="fp32" if onnx == point.model_onnx else point.recipe.name, onnx=point.layout.rel(onnx),
+    res.update(kind=onnxrt_kind(point, onnx), onnx=point.layout.rel(onnx),
                onnx_sha256=file_digest(onnx), eval=point.eval, updated_utc=now_utc())
     point.layout.write_json(out, res)
     return res
@@ -292,7 +300,7 @@ def onnxrt_score(point: Point, onnx: Path) -> dict:
 
 def onnxrt_run(point: Point) -> None:
     """Score the model the engine starts from; a quantized model that collapses against FP32 is an error."""
-    source = point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
+    source = onnxrt_source(point)
     res = onnxrt_score(point, source)
     if point.random_weights:
         print(f"  {point.recipe.name}: ONNX Runtime {res['kind']}: random weights, no accuracy to speak of")
@@ -308,8 +316,7 @@ def onnxrt_run(point: Point) -> None:
 
 
 def onnxrt_done(point: Point) -> bool:
-    source = point.onnx if point.plan.onnx_kind == "qdq" else point.model_onnx
-    return onnxrt_path(point, source).is_file()
+    return onnxrt_path(point, onnxrt_source(point)).is_file()
 
 
 def engine_run(point: Point) -> None:

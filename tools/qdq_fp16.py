@@ -113,6 +113,16 @@ def fp32_quantize(model):
     return model
 
 
+def quantizes_fp16(model) -> bool:
+    """Whether any QuantizeLinear of `model` quantizes float16 (its scale is float16)."""
+    from onnx import TensorProto
+
+    inits = _initializers(model)
+    return any(n.op_type == "QuantizeLinear" and (s := inits.get(n.input[1])) is not None
+               and s.data_type == TensorProto.FLOAT16 for n in model.graph.node)
+
+
 def for_onnxruntime(model):
-    """`model` as ONNX Runtime should run it: with float32 QuantizeLinear where this ONNX Runtime truncates float16."""
-    return fp32_quantize(model) if onnxruntime_truncates_fp16_quantize() else model
+    """`model` as ONNX Runtime should run it: with float32 QuantizeLinear where this ONNX Runtime truncates float16
+    (`model` itself, not a copy, where there is nothing to change)."""
+    return fp32_quantize(model) if quantizes_fp16(model) and onnxruntime_truncates_fp16_quantize() else model

@@ -14,49 +14,47 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+from tools import yolo_graph
 from tools.common import UserError, atomic_path, run_main
 
 REWRITES = ("concat",)
 
 
-def _scalar(model, name: str):
-    import numpy as np
-    from onnx import numpy_helper
-
-    init = next((i for i in model.graph.initializer if i.name == name), None)
-    return None if init is None else np.asarray(numpy_helper.to_array(init)).item()
-
-
-def _zero(model, node) -> int:
-    return _scalar(model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0
-
-
 def quantize_concat_inputs(model) -> list[str]:
     """Rewrite `concat` in place (see the module docstring); returns the Concat nodes rewritten."""
-    from onnx import helper
+    import numpy as np
+    from onnx import helper, numpy_helper
 
     graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+
+    def value(name: str):
+        init = initializers.get(name)  # a scale computed in the graph has no value here: it matches nothing
+        return None if init is None else np.asarray(numpy_helper.to_array(init)).item()
+
+    def scale_and_zero(node) -> tuple:
+        """A Q or DQ node's (scale, zero point) as numbers: equal pairs quantize alike whatever their names."""
+        return value(node.input[1]), value(node.input[2]) if len(node.input) > 2 and node.input[2] else 0
+
     producer = {o: n for n in graph.node for o in n.output}
     consumers = defaultdict(list)
     for n in graph.node:
         for i in n.input:
             consumers[i].append(n)
     outputs = {o.name for o in graph.output}
-    initializers = {i.name for i in graph.initializer}
     rewritten, new_nodes = [], {}
     for concat in (n for n in graph.node if n.op_type == "Concat"):
         users = consumers[concat.output[0]]
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or concat.output[0] in outputs:
             continue
         q = users[0]
-        scale, zero = q.input[1], q.input[2] if len(q.input) > 2 else ""
+        scale, zero, target = q.input[1], q.input[2] if len(q.input) > 2 else "", scale_and_zero(q)
         inserted = []
         for k, name in enumerate(concat.input):
             if not name or name in initializers:
                 continue
             dq = producer.get(name)
-            if dq is not None and dq.op_type == "DequantizeLinear" and \
-                    (_scalar(model, dq.input[1]), _zero(model, dq)) == (_scalar(model, scale), _zero(model, q)):
+            if dq is not None and dq.op_type == "DequantizeLinear" and scale_and_zero(dq) == target:
                 continue  # already at the output's scale
             stem = f"{concat.name}/input{k}"
             qargs, attrs = [name, scale] + ([zero] if zero else []), {a.name: helper.get_attribute_value(a)
@@ -99,10 +97,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not Path(args.input).is_file():
         raise UserError(f"{args.input}: no such model; give a Q/DQ model (`make quantize` writes them to models/)")
-    try:
-        model = onnx.load(args.input)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types for a file that is no model
-        raise UserError(f"{args.input}: not an ONNX model ({str(e).splitlines()[0][:120]})") from None
+    model = yolo_graph.load(args.input)
     changed = apply(model, args.rewrites.split(","))
     with atomic_path(args.output) as tmp:
         onnx.save(model, str(tmp))

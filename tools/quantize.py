@@ -27,10 +27,10 @@ from pathlib import Path
 from tools.calib import build_calibration, check_calibration, select_images
 from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
     save_histograms, scale_groups
-from tools.common import UserError, list_images, run_main, sha256_file, write_json, write_text
+from tools.common import UserError, list_images, run_main, write_json, write_text
 from tools.engine import onnx_nodes, run_logged
 from tools.qdq_fp16 import clamp_weight_scales
-from tools.records import Layout
+from tools.records import Layout, file_digest
 from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
 
@@ -42,14 +42,14 @@ def model_digest(onnx_path) -> str:
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX model; export one there (make export PT=yolo11n.pt ONNX={path}) or "
                         f"point the recipe's onnx: key at your model")
-    return sha256_file(path)[:12]
+    return file_digest(path)[:12]
 
 
 def calibration_name(recipe: Recipe, calib_dir, root: Path) -> Path:
     """Where the recipe's calibration tensor lives, named by the chosen images' content (no collision across
     folders); cheap: only hashes the chosen files."""
     files = select_images(list_images(calib_dir), recipe.calib_images, recipe.calib_seed)
-    set_digest = digest([sha256_file(p) for p in files])
+    set_digest = digest([file_digest(p) for p in files])
     return Layout(recipe.model, root).calib / f"{recipe.imgsz}-n{recipe.calib_images}-s{recipe.calib_seed}-{set_digest}.npy"
 
 
@@ -185,12 +185,9 @@ def histogram_calibrate(recipe: Recipe, cache: Path, calib_dir, eval_dir, root: 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def node_counts(qdq_onnx) -> dict:
-    """Q/DQ counts and the nodes that run in INT8: weighted ops whose input and weight both come through a
-    DequantizeLinear, other compute ops whose every data input does."""
-    import onnx
-
-    model = onnx.load(str(qdq_onnx), load_external_data=False)
+def node_counts(model) -> dict:
+    """Q/DQ counts of a loaded Q/DQ model and the nodes that run in INT8: weighted ops whose input and weight both
+    come through a DequantizeLinear, other compute ops whose every data input does."""
     ops = Counter(n.op_type for n in model.graph.node)
     inits = {i.name for i in model.graph.initializer}
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
@@ -208,34 +205,24 @@ def node_counts(qdq_onnx) -> dict:
             "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
 
 
-def finish_qdq_model(qdq_onnx, hp_dtype: str) -> list[dict]:
-    """ModelOpt's output made reproducible and safe, in the file: value_info sorted by name (its FP16 conversion
-    lists them in a different order from run to run, so two machines made different bytes of the same model), and
-    for the FP16 flavour, subnormal weight scales raised to FP16's smallest normal (tools/qdq_fp16.py). Returns the
-    scales raised."""
-    import onnx
-
-    model = onnx.load(str(qdq_onnx))
-    infos = sorted(model.graph.value_info, key=lambda v: v.name)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(infos)
-    raised = clamp_weight_scales(model) if hp_dtype == "fp16" else []
-    onnx.save(model, str(qdq_onnx))
-    return raised
-
-
-def rewrite_qdq(qdq_onnx, rewrites) -> dict[str, list[str]]:
-    """The recipe's Q/DQ placement rewrites (tools/qdq_rules.py) on ModelOpt's output, in the file."""
-    if not rewrites:
-        return {}
+def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], dict[str, list[str]], dict]:
+    """ModelOpt's output finished, in the file: the recipe's Q/DQ placement `rewrites` (tools/qdq_rules.py),
+    value_info sorted by name (ModelOpt's FP16 conversion lists them in a different order from run to run, so two
+    machines made different bytes of the same model), and for the FP16 flavour, subnormal weight scales raised to
+    FP16's smallest normal (tools/qdq_fp16.py). Returns the scales raised, {rewrite: nodes it changed} and the
+    finished model's node_counts."""
     import onnx
 
     from tools.qdq_rules import apply
 
     model = onnx.load(str(qdq_onnx))
-    changed = apply(model, rewrites)
+    rewritten = apply(model, rewrites)
+    infos = sorted(model.graph.value_info, key=lambda v: v.name)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+    raised = clamp_weight_scales(model) if hp_dtype == "fp16" else []
     onnx.save(model, str(qdq_onnx))
-    return changed
+    return raised, rewritten, node_counts(model)
 
 
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
@@ -275,9 +262,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
-        rewritten = rewrite_qdq(result, recipe.qdq_rewrites)
-        raised = finish_qdq_model(result, hp_dtype)
-        counts = node_counts(result)
+        raised, rewritten, counts = finish_qdq_model(result, hp_dtype, recipe.qdq_rewrites)
         os.replace(result, out)
     import modelopt
 

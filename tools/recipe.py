@@ -244,10 +244,7 @@ def read_yaml(path, what: str):
 
 
 def load(path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such recipe; see recipes/<model>/*.yaml for the ones that exist")
-    return from_dict(read_yaml(path, "recipe"), str(path))
+    return from_dict(read_yaml(path, "recipe; see recipes/<model>/*.yaml for the ones that exist"), str(path))
 
 
 def dump(r: Recipe) -> str:

@@ -36,17 +36,13 @@ class Gpu:
         return any(j.exclusive for j in self.running)
 
 
-class ChainFailed(Exception):
-    pass
-
-
 def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, str], None], shared_per_gpu: int = 1,
                on_done: Callable[[Job, str, BaseException | None], list | None] = lambda job, gpu, error: None,
                stop_after: float | None = None) -> dict[str, str]:
     """Run every chain; `launch(job, gpu)` runs one job to its end (raising on failure); `on_done` may return new
-    chains, which join the head of the queue (a sweep adds its front once the screening is done). Returns {chain: error} for
-    chains that failed (their later jobs are skipped) or were never started because `stop_after` seconds had passed
-    (a bounded run ends between points; the next run resumes from the records)."""
+    chains, which join the head of the queue (a sweep adds its front once the screening is done). Returns {chain:
+    error} for chains that failed (their later jobs are skipped) or were never started because `stop_after`
+    seconds had passed (a bounded run ends between points; the next run resumes from the records)."""
     if not gpus:
         raise ValueError("no GPU to run on")
     state = [Gpu(g) for g in gpus]

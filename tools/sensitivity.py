@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from tools import yolo_graph
 from tools.calib import select_images
 from tools.common import REPO, UserError, list_images, positive_int, postprocess, preprocess, run_main, \
     to_input
-from tools.records import Layout
+from tools.records import Layout, read_json
 from tools.recipe import load
 
 
@@ -70,10 +69,15 @@ def block_costs(csv_path, recipe: str) -> dict[str, float]:
     return {r["block"]: float(r["ms_fp16"]) - float(r[column]) for r in rows if r["block"] != "all"}
 
 
+def block_cost(costs: dict[str, float], label: str) -> float:
+    """The ms of a sensitivity group in `block_costs`; a block the profile lacks ran nowhere: it costs nothing."""
+    return costs.get(profile_block(label), 0.0)
+
+
 def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]:
     """Blocks that help, those costing nothing first (most gain first), then by gain per millisecond."""
     helpful = [b for b in gains if gains[b] > 0]
-    cost = lambda b: costs.get(profile_block(b), 0.0)  # noqa: E731 - a block the profile lacks ran nowhere: free
+    cost = lambda b: block_cost(costs, b)  # noqa: E731
     return sorted(helpful, key=lambda b: (cost(b) > 0, -gains[b] if cost(b) <= 0 else -gains[b] / cost(b)))
 
 
@@ -171,7 +175,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     for label, pattern in tqdm([g for g in groups.items() if g[0] not in gains], desc="blocks", unit="block"):
         gains[label] = proxy.score(bypass_qdq(qdq, pattern)) - base
     ranked = sorted(gains, key=gains.get, reverse=True)
-    cost = (lambda b: max(costs.get(profile_block(b), 0.0), 0.0)) if costs else (lambda b: 0.0)  # noqa: E731
+    cost = (lambda b: max(block_cost(costs, b), 0.0)) if costs else (lambda b: 0.0)  # noqa: E731
     candidates = latency_order(gains, costs) if costs else [b for b in ranked if gains[b] > 0]
     chosen, current, steps, spent = [], base, [], 0.0
     for label in candidates:
@@ -185,7 +189,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
         steps.append({"blocks": list(chosen), "agreement": round(current, 5), "ms_added": round(spent, 4)})
         log(f"  + {label}: agreement {current:.4f}" + (f", about +{spent:.3f} ms" if costs else ""))
     latency = {"profile": str(profile), "ms_budget": ms_budget,
-               "ms_added": {g: round(costs.get(profile_block(g), 0.0), 4) for g in ranked}} if costs else None
+               "ms_added": {g: round(block_cost(costs, g), 4) for g in ranked}} if costs else None
     return {"recipe": recipe.name, "qdq_model": str(qdq_path.relative_to(REPO)), "images": len(files),
             "image_dir": str(calib_dir), "metric": "mAP50-95 against FP32 detections (score >= 0.25)",
             "baseline_agreement": round(base, 5), "target": target,
@@ -242,7 +246,7 @@ def main(argv=None):
         raise UserError("--ms-budget needs --profile (the by-block.csv of `make profile`) to know what blocks cost")
     # per-block gains are reused from an earlier result on the same model and images: this file's, or the plain one's
     earlier = next((p for p in (out, out.parent / "sensitivity.json") if p.is_file()), None)
-    previous = json.loads(earlier.read_text()) if earlier else None
+    previous = read_json(earlier, "sensitivity result") if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
                   previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget)
     layout.write_json(out, res)

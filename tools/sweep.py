@@ -351,7 +351,7 @@ class Runner:
         """Run `stages` of every (recipe, profile); `then(records)` is called with the records of the `gate` points
         (default: all of them) once those are done, and returns more points to run (the front at the final level),
         which go ahead of the queue. Returns the complete records and {point: error}."""
-        by_chain, chains = {}, []
+        by_chain = {}
 
         def add(pairs) -> list[list[Job]]:
             new = []
@@ -525,13 +525,15 @@ def main(argv=None):
                 "final_level": grid.base.builder_optimization_level,
                 "run_seconds": runs, "seconds": sum(runs)})
 
-    runner = Runner(grid, grid_setup(grid, setup), gpus, args.jobs_per_gpu, publish,
-                    args.layers.split(",") if args.layers else ())
+    run_setup = grid_setup(grid, setup)
+    runner = Runner(grid, run_setup, gpus, args.jobs_per_gpu, publish, args.layers.split(",") if args.layers else ())
 
     def run_points(pairs, gpu_stages, stop_after, then=None, gate=None):
-        return runner.run(shard(pairs, args.shard), gpu_stages, stop_after, print, then, gate)
+        # what `then` adds (the front, the other references) is sharded too, or every machine would build all of it
+        later = then and (lambda done: shard(then(done), args.shard))
+        return runner.run(shard(pairs, args.shard), gpu_stages, stop_after, print, later, gate)
 
-    records, failures = run_sweep(grid, grid_setup(grid, setup), stages, run_points, args.stop_after,
+    records, failures = run_sweep(grid, run_setup, stages, run_points, args.stop_after,
                                   args.only.split(",") if args.only else None)
     publish(records, complete=not failures, failures=failures)
     if records:

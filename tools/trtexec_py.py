@@ -21,7 +21,10 @@ from tools.common import UserError, atomic_path, run_main
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
                     "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming"}
-AVG_TIMING = 8  # trtexec's default for --avgTiming; the builder API's own default is 1
+# Kernel selection averages this many runs of each tactic: trtexec's --avgTiming default. The builder API's own default
+# is 1, and one timing of a few-microsecond batch-1 kernel on a busy host can rank tactics wrongly (the suspected cause
+# of README's "Batch 1 at level 3, two INT8 engines slower"); tools.engine passes it explicitly to either trtexec.
+AVG_TIMING = 8
 SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
             "useSpinWait"}
 
