@@ -57,7 +57,7 @@ SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "
           $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile summary sweep sensitivity report \
-        test clean
+        sizes test clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -121,6 +121,9 @@ sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on ever
 
 report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configuration and the deployment guide
 	$(PY) -m tools.report --model $(MODEL) --budget $(BUDGET) --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
+
+sizes: $(ENV)  ## RESULTS/sizes.{md,csv}: INT8 over FP16 speed-up by model size, from every model's sweep
+	$(PY) -m tools.sizes --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests

@@ -131,7 +131,7 @@ def test_report_writes_tables_summary_and_plot(tmp_path):
     assert "4.080" in md  # end-to-end beside the layer sums
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
     header = paths["by_block"].read_text().splitlines()[0].split(",")
-    assert {"block", "ms_fp16", "ms_int8-qdq", "conv_speedup", "reformat_n_int8-qdq"} <= set(header)
+    assert {"block", "ms_fp16", "ms_int8-qdq", "conv_speedup_int8-qdq", "reformat_n_int8-qdq"} <= set(header)
     assert paths["int8-qdq.csv"].read_text().count("\n") == 237
 
 

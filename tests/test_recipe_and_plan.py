@@ -98,3 +98,17 @@ def test_plan_implicit_int8_stops_at_trt11():
     assert plan(r, "10.3").implicit_calibration
     with pytest.raises(UserError, match="TensorRT <= 10"):
         plan(r, "11.0")
+
+
+def test_dump_round_trips_and_leaves_omitted_defaults_out(tmp_path):
+    """A dumped recipe (the report's chosen.yaml) loads back to the same recipe; `qdq_rewrites` appears only when set,
+    as in the recipe files, so a default recipe's YAML does not change when such a field is added."""
+    import yaml
+
+    from tools.recipe import dump
+    base = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    for recipe in (base, base.replace(qdq_rewrites=("concat",))):
+        path = tmp_path / "r.yaml"
+        path.write_text(dump(recipe))
+        assert load(path) == recipe
+        assert ("qdq_rewrites" in yaml.safe_load(path.read_text())) == bool(recipe.qdq_rewrites)

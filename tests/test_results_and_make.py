@@ -64,6 +64,13 @@ def test_make_help_lists_every_knob():
     assert "make sweep" in help_text and "make profile" in help_text
 
 
+def test_pixi_tasks_mirror_the_make_targets():
+    tomllib = pytest.importorskip("tomllib")
+    targets = set(re.findall(r"^([a-z]+):.*?##", (REPO / "Makefile").read_text(), re.M)) - {"help"}
+    tasks = tomllib.loads((REPO / "pixi.toml").read_text())["tasks"]
+    assert tasks == {t: f"make {t} PY=python" for t in targets}
+
+
 @pytest.mark.parametrize("knob,flag", [("ONNX=other.onnx", '--onnx "other.onnx"'), ("RESULTS=out", '--results "out"'),
                                        ("OVERWRITE=1", "--overwrite"), ("PROFILES=b32", "--profiles b32"),
                                        ("EVAL_LIMIT=8", "--eval-limit 8"), ("TRT_VERSION=11", "--trt 11"),

@@ -548,13 +548,12 @@ def plot(engines: list[tuple[str, list[dict]]], path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Reports
 def side_by_side(engines: list[tuple[str, list[dict]]]) -> list[dict]:
-    """By-block table: one engine's by_block rows; two engines' compare(); more: the first compared with each
-    other one, joined by block (columns without a label in their name get the other engine's)."""
+    """By-block table: one engine's by_block rows; else the first compared with each other one, joined by block.
+    Comparison columns carry the compared engine's label (`speedup_int8-qdq`) however many engines there are, so
+    readers of the CSV (the report, tools.sizes) need no case per engine count."""
     if len(engines) == 1:
         return by_block(engines[0][1]) + [totals(engines[0][1])]
     base_label, base = engines[0]
-    if len(engines) == 2:
-        return compare(base, engines[1][1], (base_label, engines[1][0]))
     merged: dict[str, dict] = {}
     for lab, rows in engines[1:]:
         for r in compare(base, rows, (base_label, lab)):

@@ -248,4 +248,5 @@ def load(path) -> Recipe:
 
 
 def dump(r: Recipe) -> str:
-    return yaml.safe_dump(to_dict(r), sort_keys=False)
+    """The recipe as YAML, without the `omit_default` fields at their default (as the recipe files leave them out)."""
+    return yaml.safe_dump({k: v for k, v in to_dict(r).items() if not r.at_omitted_default(k)}, sort_keys=False)

@@ -109,18 +109,22 @@ class Layout:
 
     # --- writing results ---------------------------------------------------------------------------------------
     def guard(self, path) -> Path:
-        """Refuse to replace a committed file unless asked: results are regenerated on purpose, never by accident."""
-        path = Path(path)
-        if not self.overwrite and path.exists() and is_tracked(path):
-            raise UserError(f"{path}: is a committed result; write elsewhere (RESULTS=dir, --results DIR) or pass "
-                            f"OVERWRITE=1 (--overwrite) to replace it")
-        return path
+        return guard(path, self.overwrite)
 
     def write_json(self, path, obj) -> None:
         write_json(self.guard(path), obj)
 
     def write_text(self, path, text: str) -> None:
         write_text(self.guard(path), text)
+
+
+def guard(path, overwrite: bool) -> Path:
+    """Refuse to replace a committed file unless asked: results are regenerated on purpose, never by accident."""
+    path = Path(path)
+    if not overwrite and path.exists() and is_tracked(path):
+        raise UserError(f"{path}: is a committed result; write elsewhere (RESULTS=dir, --results DIR) or pass "
+                        f"OVERWRITE=1 (--overwrite) to replace it")
+    return path
 
 
 @functools.lru_cache(maxsize=None)

@@ -311,6 +311,21 @@ def profile_section(layout: Layout, table: Table) -> list[str]:
     return md + [""]
 
 
+def sizes_section(layout: Layout) -> list[str]:
+    """INT8 over FP16 by model size (tools.sizes), where the results root holds other models' sweeps too."""
+    from tools.sizes import markdown, size_table
+
+    if len(list(layout.results.glob("*/sweep.json"))) < 2:
+        return []
+    try:
+        rows, _ = size_table(layout.results, None, "int8-qdq")
+    except UserError:
+        return []
+    if len({r["model"] for r in rows}) < 2:
+        return []
+    return [markdown(rows, [], "int8-qdq", "## INT8 over FP16 by model size (`make sizes`)")]
+
+
 def unmeasured_references(sweep: dict, table: Table) -> str:
     """' Not measured at level L: ...' for the grid's references the run ended before measuring at the final level."""
     from tools.sweep import load_grid
@@ -366,6 +381,7 @@ def write_report(layout: Layout, budget: float) -> Path:
     md += deploy_section(layout, rec)
     md += profile_section(layout, table)
     md += screening_section(table, sweep.get("screen_level"))
+    md += sizes_section(layout)
     md += ["## Plots", "", "![latency](pareto_latency.png) ![throughput](pareto_throughput.png)", ""]
     for lvl in reversed(table.levels):
         for profile, batch in ((table.latency_profile, table.small), (table.throughput_profile, table.large)):

@@ -33,6 +33,8 @@ def parse(text: str) -> dict:
     if m := re.search(r"\[TensorRT v(\d+\.\d+[\d.]*)\]", text):
         row["trt_version"] = m.group(1)
     row["fallback"] = "trtexec_py" in text[:2000]
+    if m := re.search(r"--avgTiming=(\d+)", text[:4000]):  # the command line heads the log
+        row["avg_timing"] = int(m.group(1))
     if m := re.search(r"Engine built in ([\d.]+) sec", text):
         row["build_s"] = float(m.group(1))
     if m := re.search(r"Created engine with size: ([\d.]+) MiB", text):
