@@ -73,6 +73,9 @@ def test_parse_real_fallback_logs():
     bench = parse((REPO / "tests/data/trtexec_py_bench.log").read_text())
     assert bench["fallback"] and 0 < bench["gpu_median_ms"] <= bench["gpu_p99_ms"]
     assert bench["throughput_qps"] > 0 and bench["activation_bytes"] > 0
+    # the tactic-timing average is read from the command line heading a log, and only where it was given
+    published = REPO / "results/yolo11s/logs/int8-qdq.b32.6a5461755652.build.log"
+    assert parse(published.read_text())["avg_timing"] == 8 and "avg_timing" not in build
 
 
 def test_fallback_stats_line_round_trips():

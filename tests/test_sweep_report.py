@@ -47,10 +47,17 @@ def test_calibration_cap_renames_and_merges_points(tmp_path):
     assert names == ["fp16", "int8-qdq", "qdq-max-n32-x-default", "qdq-entropy-n32-x-none"]
 
 
-def test_default_grid_screens_at_level_1():
+def test_default_grid_builds_everything_at_the_deployed_level():
+    """The default grid has no screening level: every engine, references included, at TensorRT's default level 3;
+    the wide search (the published run) screened at level 1."""
     grid = load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO)
-    assert grid.screen.builder_optimization_level == 1 and grid.base.builder_optimization_level == 3
-    assert {"fp16", "int8-qdq", "int8-implicit", "int8-ultralytics"} <= {p.name for p in expand(grid)}
+    points = expand(grid)
+    assert grid.screen is None and {p.builder_optimization_level for p in points} == {3}
+    assert [p.name for p in points][:5] == ["fp16", "int8-dfl-mse", "int8-qdq", "int8-implicit", "int8-ultralytics"]
+    assert len(points) == 9  # base collapsed into its reference: 1 calibration + 2 placements + 1 rewrite
+    wide = load_grid(REPO / "recipes/grids/yolo11n-wide.yaml", REPO)
+    assert wide.screen.builder_optimization_level == 1 and wide.base.builder_optimization_level == 3
+    assert json.loads((REPO / "results/yolo11n/sweep.json").read_text())["grid"] == "recipes/grids/yolo11n-wide.yaml"
 
 
 def test_a_field_at_its_omitted_default_leaves_keys_and_names_alone():
@@ -58,10 +65,12 @@ def test_a_field_at_its_omitted_default_leaves_keys_and_names_alone():
     points measured before keep their keys; set, it names its point and changes its key."""
     grid = load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO)
     points = {p.name: p for p in expand(grid)}
-    assert "qdq-entropy-n400-x-dfl" in points and "qdq_rewrites" not in points["qdq-entropy-n400-x-dfl"].settings()
-    rewritten = points["qdq-entropy-n400-x-default-r-concat"]
+    assert "qdq-entropy-x-dfl" in points and "qdq_rewrites" not in points["qdq-entropy-x-dfl"].settings()
+    rewritten = points["qdq-mse-x-dfl-r-concat"]
     assert rewritten.settings()["qdq_rewrites"] == ["concat"]
-    assert digest(rewritten.replace(qdq_rewrites=[]).settings()) == digest(points["int8-qdq"].settings())
+    assert digest(rewritten.replace(qdq_rewrites=[]).settings()) == digest(points["int8-dfl-mse"].settings())
+    wide = {p.name: p for p in expand(load_grid(REPO / "recipes/grids/yolo11n-wide.yaml", REPO))}
+    assert digest(wide["qdq-entropy-n400-x-dfl"].settings()) == digest(points["qdq-entropy-x-dfl"].settings())
 
 
 @pytest.mark.parametrize("mutate,expected", [
@@ -141,6 +150,13 @@ def test_front_is_pareto_per_profile():
     rows = [{"config": c, "profile": "b1", "batch": 1, "latency_ms_p50": ms, "throughput_ips": 1 / ms, "map50_95": m}
             for c, ms, m in (("fp16", 1.0, 0.37), ("a", 0.8, 0.36), ("b", 0.9, 0.35), ("c", 0.7, 0.30))]
     assert front(rows, 5) == ["c", "a"]  # b is slower and less accurate than a
+
+
+def test_pareto_keeps_ties_and_drops_the_dominated():
+    """One rule for the sweep's front and the report's plots: two configurations measuring the same both stay."""
+    from tools.report import pareto
+    pts = {"a": (0.8, 0.36), "twin": (0.8, 0.36), "b": (0.9, 0.35), "c": (0.7, 0.30), "d": (0.7, 0.29)}
+    assert pareto(pts) == ["c", "a", "twin"]
 
 
 def test_wall_time_adds_up_over_resumed_runs(tmp_path):

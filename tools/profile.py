@@ -23,6 +23,7 @@ from pathlib import Path
 from tools.common import UserError, atomic_path, run_main, write_text
 from tools.engine import run_logged, shape
 from tools.trtlog import parse_file, to_csv
+from tools.yolo_graph import block_of
 
 # Layer kinds, in the order tables and plots show them. "none": TensorRT runs nothing (constants, elided copies).
 KINDS = ("conv", "matmul", "softmax", "pointwise", "pooling", "resize", "myelin", "shuffle", "reformat", "qdq",
@@ -121,7 +122,6 @@ ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 ONNX_PATH = re.compile(r"/[\w.]+(?:/[\w.]+)*")
 COPY_NODE = re.compile(r"^Reformatting CopyNode for (Input|Output) Tensor (\d+) to (.+)$")
 QDQ_NAME = re.compile(r"(Quantize|Dequantize)Linear(_clone_\d+)*$")
-BLOCK = re.compile(r"^/(model\.\d+)/")
 
 
 def onnx_nodes(layer: Layer) -> list[str]:
@@ -194,7 +194,7 @@ def layer_precision(layer: Layer, kind: str) -> str:
 
 
 def _block_and_part(nodes: list[str], head: str | None) -> tuple[str | None, str]:
-    blocks = [m.group(1) for n in nodes if (m := BLOCK.match(n))]
+    blocks = [f"model.{k}" for n in nodes if (k := block_of(n)) is not None]
     if not blocks:
         return None, ""
     block = Counter(blocks).most_common(1)[0][0]  # ties: the first one met (most_common is stable)

@@ -21,6 +21,14 @@ ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
 
 
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names on the Pareto front of {name: (cost, mAP)} (lower cost, higher mAP), cheapest first: no other point
+    is at least as cheap and as accurate without being the same pair."""
+    return sorted((c for c, (cost, m) in points.items()
+                   if not any(oc <= cost and om >= m and (oc, om) != (cost, m) for oc, om in points.values())),
+                  key=lambda c: points[c])
+
+
 def best(row: dict, field: str) -> float:
     """The faster of the CUDA-graph and plain timings of a row (a deployment picks the better one)."""
     values = [v for v in (row.get(field), row.get(f"{field}_cuda_graph")) if v is not None]
@@ -183,16 +191,15 @@ def pareto_plot(table: Table, at: dict[str, dict], field: str, out: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(best(r, field), r["map50_95"] * 100, c, r["precision"]) for c, r in at.items()]
+    xy = {c: (best(r, field), r["map50_95"] * 100) for c, r in at.items()}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {"fp16": "tab:blue", "int8-qdq": "tab:orange", "int8-implicit": "tab:green"}
-    for x, y, name, prec in pts:
-        ax.scatter(x, y, color=colours.get(prec, "grey"), s=30)
+    for name, (x, y) in xy.items():
+        ax.scatter(x, y, color=colours.get(at[name]["precision"], "grey"), s=30)
         ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    better = (lambda a, b: a <= b) if field.startswith("latency") else (lambda a, b: a >= b)
-    front = sorted((p for p in pts if not any(better(q[0], p[0]) and q[1] >= p[1] and q != p for q in pts)),
-                   key=lambda p: p[0])
-    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    sign = 1 if field.startswith("latency") else -1  # the cost pareto() minimises: latency, or minus throughput
+    front = sorted(pareto({c: (sign * x, y) for c, (x, y) in xy.items()}), key=lambda c: xy[c][0])
+    ax.plot([xy[c][0] for c in front], [xy[c][1] for c in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mAP50-95 (%)")
     ax.set_title(title, fontsize=9)

@@ -28,7 +28,6 @@ class Job:
 class Gpu:
     name: str
     running: list = field(default_factory=list)  # jobs running now
-    draining: bool = False
     seen: set = field(default_factory=set)  # affinities of the builds started here: its build server cached them
 
     @property
@@ -92,17 +91,15 @@ def run_chains(chains: list[list[Job]], gpus: list[str], launch: Callable[[Job, 
         """Start what can start now; True if anything started."""
         jobs = ready()
         waiting = [j for j in jobs if j.exclusive]
-        for gpu in state:
-            gpu.draining = False
+        draining = []  # GPUs kept free of new jobs until a waiting timing can start there
         if waiting:
             idle = [g for g in state if not g.running]
             if idle:
                 start(waiting[0], idle[0])
                 return True
             # as many GPUs drain as timings wait, the least busy first
-            for gpu in sorted((g for g in state if not g.busy_exclusive), key=lambda g: len(g.running))[:len(waiting)]:
-                gpu.draining = True
-        usable = [g for g in state if not g.draining and not g.busy_exclusive]
+            draining = sorted((g for g in state if not g.busy_exclusive), key=lambda g: len(g.running))[:len(waiting)]
+        usable = [g for g in state if g not in draining and not g.busy_exclusive]
         for job in (j for j in jobs if j.light):
             if usable:
                 start(job, min(usable, key=lambda g: len(g.running)))

@@ -34,6 +34,7 @@ from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
 from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
 from tools.records import Layout, engine_id, newest_per, read_json, read_records
+from tools.report import pareto
 from tools.scheduler import Job, run_chains
 from tools.summary import engine_rows
 from tools.trtlog import to_csv
@@ -248,13 +249,9 @@ def front(rows: list[dict], limit: int) -> list[str]:
     for profile in sorted({r["profile"] for r in rows}):
         at = [r for r in rows if r["profile"] == profile]
         for batch, faster in ((min(r["batch"] for r in at), "latency"), (max(r["batch"] for r in at), "throughput")):
-            pts = {r["config"]: r for r in at if r["batch"] == batch}
-            speed = {c: r["latency_ms_p50"] if faster == "latency" else -r["throughput_ips"] for c, r in pts.items()}
-            for c in sorted(pts, key=speed.get):
-                if not any(speed[o] <= speed[c] and pts[o]["map50_95"] >= pts[c]["map50_95"] and
-                           (speed[o], -pts[o]["map50_95"]) != (speed[c], -pts[c]["map50_95"]) for o in pts):
-                    if c not in chosen:
-                        chosen.append(c)
+            pts = {r["config"]: (r["latency_ms_p50"] if faster == "latency" else -r["throughput_ips"], r["map50_95"])
+                   for r in at if r["batch"] == batch}
+            chosen += [c for c in pareto(pts) if c not in chosen]
     non_fp16 = [c for c in chosen if not c.startswith("fp16")]
     return non_fp16[:limit]
 
@@ -455,7 +452,7 @@ def rebuild_table(grid: Grid, layout: Layout, setup: Setup) -> None:
     if not records:
         raise UserError(f"{layout.points}: no complete record of any point of this grid; run the sweep first")
     old = read_json(layout.out / "sweep.json", "sweep table") if (layout.out / "sweep.json").is_file() else {}
-    write_table(layout, grid, records, {**old, "points_planned": len(names)})
+    write_table(layout, grid, records, old)
     print(f"rebuilt {layout.out / 'sweep.csv'} from {len(records)} records")
 
 
