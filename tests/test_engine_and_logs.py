@@ -1,6 +1,11 @@
-"""trtexec command lines from recipes, the fallback's flag parsing, and the log parser on real trtexec text."""
+"""trtexec command lines from recipes, the fallback's flag parsing and build server, and the log parser on real
+trtexec text."""
+import importlib.util
+import time
+from pathlib import Path
+
 import pytest
-from conftest import MODEL, REPO
+from conftest import MODEL, REPO, run_tool
 
 from tools.common import UserError
 from tools.engine import build_args, onnx_nodes, resolve_layer_precisions
@@ -93,3 +98,55 @@ def test_fallback_help_lists_every_flag_the_recipes_use():
     r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
     for arg in build_args(r, "b1", plan(r, "8.6"), MODEL, "x.engine", timing_cache="t.cache"):
         assert arg[2:].split("=")[0] in out.stdout
+
+
+def test_build_server_answers_builds_and_refuses_the_rest(tmp_path, capsys):
+    """The sweep's build server protocol on the CPU, with a stand-in for TensorRT's builder: each build's engine is
+    written whole (through a temporary file) where --saveEngine says, a failed build writes nothing and answers exit
+    code 2 with its one-line error, the server goes on serving, and a client finding no server builds itself."""
+    import tempfile
+    import threading
+
+    from tools.trtexec_py import BuildServer, build_on_server, stop_server
+
+    def fake_build(opts, out):
+        out(f"[I] building {opts['onnx']}")
+        if opts["onnx"] == "bad.onnx":
+            raise UserError("bad.onnx: not an ONNX model")
+        return b"PLAN:" + opts["onnx"].encode()
+
+    address = str(Path(tempfile.mkdtemp(dir="/tmp")) / "s.sock")  # AF_UNIX paths must stay short
+    server = threading.Thread(target=BuildServer(fake_build, "fake").serve, args=(address,), daemon=True)
+    server.start()
+    for _ in range(100):
+        if Path(address).exists():
+            break
+        time.sleep(0.05)
+    good, bad = tmp_path / "good.engine", tmp_path / "bad.engine"
+    assert build_on_server(address, ["--onnx=m.onnx", f"--saveEngine={good}", "--skipInference"]) == 0
+    assert good.read_bytes() == b"PLAN:m.onnx"
+    assert build_on_server(address, ["--onnx=bad.onnx", f"--saveEngine={bad}", "--skipInference"]) == 2
+    assert not bad.exists() and not list(tmp_path.glob(".bad.engine*"))
+    assert build_on_server(address, ["--loadEngine=x.engine"]) == 2
+    assert build_on_server(address, ["--onnx=n.onnx", f"--saveEngine={good}", "--skipInference"]) == 0
+    out = capsys.readouterr().out
+    assert "build 1 of this process" in out and "build 4 of this process" in out
+    assert "error: bad.onnx: not an ONNX model" in out and "only builds (--onnx=...) are served" in out
+    assert good.read_bytes() == b"PLAN:n.onnx"
+    stop_server(address)
+    server.join(timeout=10)
+    assert not server.is_alive()
+    assert build_on_server(address + ".none", ["--onnx=m.onnx"]) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tools_that_need_tensorrt_say_so_in_one_line(tmp_path):
+    """Without TensorRT the fallback trtexec (build or timing) and engine scoring name what is missing, no traceback."""
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not a plan")
+    for args in (("tools.trtexec_py", f"--onnx={MODEL}", "--skipInference"),
+                 ("tools.trtexec_py", f"--loadEngine={engine}"),
+                 ("tools.evaluate", str(engine), "--images", str(REPO / "data/coco-mini"))):
+        res = run_tool(*args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "needs TensorRT's Python package" in res.stderr and "Traceback" not in res.stderr

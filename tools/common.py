@@ -93,6 +93,17 @@ def image_size(text: str) -> int:
     return value
 
 
+def import_tensorrt(what: str):
+    """The tensorrt module, or a one-line error saying `what` needs it and how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise UserError(f"{what} needs TensorRT's Python package, which is not installed here: install it (pip "
+                        f"install tensorrt, or pixi's gpu environment) or run it on a machine with TensorRT and a GPU"
+                        ) from None
+    return tensorrt
+
+
 def default_trtexec() -> tuple[str, ...]:
     """NVIDIA's trtexec where it is on PATH, else our fallback that takes the same flags."""
     return ("trtexec",) if shutil.which("trtexec") else (sys.executable, "-m", "tools.trtexec_py")

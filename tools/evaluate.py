@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import COCO80_TO_91, UserError, image_size, list_images, positive_int, postprocess, preprocess, \
-    run_main, scale_boxes, to_input, write_json
+from tools.common import COCO80_TO_91, UserError, image_size, import_tensorrt, list_images, positive_int, postprocess, \
+    preprocess, run_main, scale_boxes, to_input, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,11 +83,11 @@ def check_detector(onnx_path, session) -> None:
 
 class TrtBackend:
     def __init__(self, engine_path):
-        import tensorrt as trt
-        from polygraphy.backend.trt import TrtRunner
-
         if not Path(engine_path).is_file():
             raise UserError(f"{engine_path}: no such engine; build it first (make engine)")
+        trt = import_tensorrt(f"scoring {engine_path}")
+        from polygraphy.backend.trt import TrtRunner
+
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
         engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:

@@ -9,11 +9,11 @@ import argparse
 
 import numpy as np
 
-from tools.common import atomic_path, run_main
+from tools.common import atomic_path, import_tensorrt, run_main
 
 
 def calibration_cache(onnx_path, npy, out, algorithm: str = "minmax", batch: int = 8) -> None:
-    import tensorrt as trt
+    trt = import_tensorrt("TensorRT's implicit INT8 calibration")
     from polygraphy.backend.trt import Calibrator, CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     data = np.load(npy, mmap_mode="r")

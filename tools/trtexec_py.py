@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import UserError, atomic_path, run_main
+from tools.common import UserError, atomic_path, import_tensorrt, run_main
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
@@ -81,8 +81,7 @@ class Fallback:
     level) and a sink for the log lines; a plain run makes its own and prints."""
 
     def __init__(self, opts: dict, builder=None, caches: dict | None = None, out=None, logger=None):
-        import tensorrt as trt
-
+        trt = import_tensorrt("python -m tools.trtexec_py")
         self.trt, self.opts = trt, opts
         self.major = int(trt.__version__.split(".")[0])
         self.out = out or (lambda line: print(line, flush=True))
@@ -438,6 +437,13 @@ def sink_logger(trt):
     return Logger()
 
 
+def save_engine(opts: dict, plan: bytes) -> None:
+    """--saveEngine: the whole plan or nothing (written beside the target, then renamed onto it)."""
+    if "saveEngine" in opts:
+        with atomic_path(opts["saveEngine"]) as tmp:
+            tmp.write_bytes(plan)
+
+
 class BuildServer:
     """Answers build requests one at a time with `build(opts, out) -> engine bytes`, which keeps whatever it likes
     (TensorRT's builder, timing caches) from one build to the next."""
@@ -453,10 +459,7 @@ class BuildServer:
             opts = parse_flags(argv)
             if "onnx" not in opts:
                 raise UserError("trtexec_py build server: only builds (--onnx=...) are served")
-            plan = self.build(opts, lines.append)
-            if "saveEngine" in opts:
-                with atomic_path(opts["saveEngine"]) as tmp:
-                    tmp.write_bytes(plan)
+            save_engine(opts, self.build(opts, lines.append))
         except UserError as e:
             lines.append(f"error: {e}")
             rc = 2
@@ -484,7 +487,7 @@ def tensorrt_build_server() -> BuildServer:
     TensorRT 8.6 refuses a timing cache file written by another process once Myelin graphs are in it, but within
     one process the cache holds: on an H200 (TensorRT 8.6, level 1) a second build of the same Q/DQ graph took 12 s
     instead of 120 s. A sweep starts one server per GPU and points that GPU's builds at it (TRTEXEC_PY_SERVER)."""
-    import tensorrt as trt
+    trt = import_tensorrt("the trtexec_py build server")
 
     logger = sink_logger(trt)
     kept = {"caches": {}}  # the builder is made at the first build, so the socket answers from the start
@@ -594,31 +597,26 @@ def main(argv=None):
         tensorrt_build_server().serve(argv[1])
         return
     opts = parse_flags(argv)
-    import tensorrt as trt
+    trt = import_tensorrt("python -m tools.trtexec_py")
 
     print(f"&&&& RUNNING trtexec_py (this repo's fallback for trtexec, TensorRT Python API) [TensorRT v{trt.__version__}]"
           f" # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
     server = os.environ.get("TRTEXEC_PY_SERVER")
-    if server and "onnx" in opts and opts.get("skipInference"):
-        rc = build_on_server(server, argv)
-        if rc is not None:
-            if rc:
-                sys.exit(rc)
-            print(f"&&&& PASSED trtexec_py # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
-            return
-    fb = Fallback(opts)
-    if "onnx" in opts:
-        plan = fb.build()
-        if "saveEngine" in opts:
-            with atomic_path(opts["saveEngine"]) as tmp:
-                tmp.write_bytes(plan)
-    else:
-        path = Path(opts["loadEngine"])
-        if not path.is_file():
-            raise UserError(f"{path}: no such engine; build it first (make engine)")
-        plan = path.read_bytes()
-    if not opts.get("skipInference"):
-        fb.infer(plan)
+    rc = build_on_server(server, argv) if server and "onnx" in opts and opts.get("skipInference") else None
+    if rc:
+        sys.exit(rc)
+    if rc is None:  # no server took the build: this process does the work
+        fb = Fallback(opts)
+        if "onnx" in opts:
+            plan = fb.build()
+            save_engine(opts, plan)
+        else:
+            path = Path(opts["loadEngine"])
+            if not path.is_file():
+                raise UserError(f"{path}: no such engine; build it first (make engine)")
+            plan = path.read_bytes()
+        if not opts.get("skipInference"):
+            fb.infer(plan)
     print(f"&&&& PASSED trtexec_py # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
 
 
