@@ -483,7 +483,8 @@ def main(argv=None):
     ap.add_argument("--jobs-per-gpu", type=positive_int, default=1,
                     help="builds side by side on one GPU (4 on one H200 gave 1.17x the throughput of one: default 1); "
                          "timings always run alone, accuracy runs beside builds")
-    ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine")
+    ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine; with a "
+                                    "screened grid each shard takes its front from its own part of the screening")
     ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
                                      "profile (the `layers` stage of `make profile`), e.g. fp16,int8-qdq")
     add_setup_args(ap)
