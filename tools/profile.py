@@ -562,6 +562,17 @@ def side_by_side(engines: list[tuple[str, list[dict]]]) -> list[dict]:
     return list(merged.values())
 
 
+def read_by_block(path) -> dict[str, dict[str, str]]:
+    """A by-block.csv that `report` wrote, as {block: its row} (the totals under "all"), values as written."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such profile table; write it with `make profile RECIPE=...`")
+    with open(path, newline="") as f:
+        return {r["block"]: r for r in csv.DictReader(f)}
+
+
 def _rounded(rows: list[dict]) -> list[dict]:
     return [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
 

@@ -293,13 +293,12 @@ def cost(sweep: dict) -> str:
 
 def profile_section(layout: Layout, table: Table) -> list[str]:
     """Where INT8 loses its 2x at the throughput profile, from `make profile`'s by-block table, where it exists."""
-    import csv
+    from tools.profile import read_by_block
 
     folder = layout.out / "profile" / f"{table.throughput_profile}-L{table.final}"
     if not (folder / "by-block.csv").is_file():
         return []
-    with open(folder / "by-block.csv", newline="") as f:
-        rows = {r["block"]: r for r in csv.DictReader(f)}
+    rows = read_by_block(folder / "by-block.csv")
     total = rows.pop("all")
     engines = [k[len("speedup_"):] for k in total if k.startswith("speedup_")]
     md = [f"## Where the INT8 speed-up stops (per-layer profile, profile `{table.throughput_profile}`, level "

@@ -56,17 +56,17 @@ def profile_block(label: str) -> str:
 def block_costs(csv_path, recipe: str) -> dict[str, float]:
     """{profile block: ms it adds when it runs in FP16 rather than as in `recipe`'s engine}: its time in the FP16
     engine minus its time in the recipe's engine (by-block.csv of `make profile`); negative where FP16 is faster."""
-    import csv
+    from tools.profile import read_by_block
 
     path = Path(csv_path)
     if not path.is_file():
         raise UserError(f"{path}: no such profile; run `make profile RECIPE=recipes/<model>/{recipe}.yaml` first")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_by_block(path)
     column = f"ms_{recipe}"
-    if not rows or "ms_fp16" not in rows[0] or column not in rows[0]:
+    first = next(iter(rows.values()), {})
+    if "ms_fp16" not in first or column not in first:
         raise UserError(f"{path}: needs the columns ms_fp16 and {column} (a `make profile` of fp16 and {recipe})")
-    return {r["block"]: float(r["ms_fp16"]) - float(r[column]) for r in rows if r["block"] != "all"}
+    return {b: float(r["ms_fp16"]) - float(r[column]) for b, r in rows.items() if b != "all"}
 
 
 def block_cost(costs: dict[str, float], label: str) -> float:

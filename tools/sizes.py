@@ -13,10 +13,10 @@ Usage: python -m tools.sizes [--results results] [--models yolo11n,yolo11s,yolo1
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 from tools.common import UserError, run_main, write_text
+from tools.profile import read_by_block
 from tools.records import RUNS, Layout, guard, read_json
 from tools.report import Table, best
 from tools.trtlog import parse_file, to_csv
@@ -45,9 +45,7 @@ def conv_speedup(layout: Layout, profile: str, level: int, int8: str) -> float |
     path = layout.out / "profile" / f"{profile}-L{level}" / "by-block.csv"
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        total = next((r for r in csv.DictReader(f) if r["block"] == "all"), {})
-    value = total.get(f"conv_speedup_{int8}")
+    value = read_by_block(path).get("all", {}).get(f"conv_speedup_{int8}")
     return float(value) if value else None
 
 

@@ -47,12 +47,13 @@ def engine_rows(rec: dict) -> list[dict]:
     return rows
 
 
-def engine_records(layout: Layout, names, eval_key: str) -> list[dict]:
-    """Finished engine records of these recipes on this evaluation set: the newest per (recipe, profile, level)."""
+def engine_records(layout: Layout, names, eval_key: str | None) -> list[dict]:
+    """Finished engine records of these recipes (on this evaluation set, unless `eval_key` is None): the newest per
+    (recipe, profile, level), in the order of `names`."""
     from tools.pipeline import has_all_stages
 
-    found = [rec for rec in read_records(layout.points)
-             if has_all_stages(rec) and rec["name"] in names and rec.get("eval", {}).get("key") == eval_key]
+    found = [rec for rec in read_records(layout.points) if has_all_stages(rec) and rec["name"] in names
+             and (eval_key is None or rec.get("eval", {}).get("key") == eval_key)]
     order = {n: i for i, n in enumerate(names)}
     return sorted(newest_per(found, engine_id).values(),
                   key=lambda r: (order[r["name"]], r["level"], r["profile"]["min"]))

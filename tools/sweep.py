@@ -33,10 +33,10 @@ from tools.common import REPO, UserError, positive_int, run_main
 from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
 from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
-from tools.records import Layout, engine_id, newest_per, read_json, read_records
+from tools.records import Layout, read_json
 from tools.report import pareto
 from tools.scheduler import Job, run_chains
-from tools.summary import engine_rows
+from tools.summary import engine_records, engine_rows
 from tools.trtlog import to_csv
 
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
@@ -446,9 +446,7 @@ def visible_gpus() -> list[str]:
 def rebuild_table(grid: Grid, layout: Layout, setup: Setup) -> None:
     """Rewrite the sweep table from the records on disk (after merging shards, say); the run's own fields are
     kept. Takes each point's newest complete record per level and profile."""
-    names = {r.name for r in expand(grid, setup)}
-    found = [r for r in read_records(layout.points) if has_all_stages(r) and r["name"] in names]
-    records = list(newest_per(found, engine_id).values())
+    records = engine_records(layout, [r.name for r in expand(grid, setup)], None)
     if not records:
         raise UserError(f"{layout.points}: no complete record of any point of this grid; run the sweep first")
     old = read_json(layout.out / "sweep.json", "sweep table") if (layout.out / "sweep.json").is_file() else {}
