@@ -113,6 +113,11 @@ def test_by_block_and_comparison(rows):
     assert m2["ms_int8-qdq"] > m2["ms_fp16"]
     assert cmp["all"]["conv_speedup"] == pytest.approx(1.285, abs=1e-3)
     assert cmp["all"]["above_2x_ms"] == pytest.approx(3.0936 - 3.9313 / 2, abs=1e-3)
+    # the ceiling: INT8 convolutions as measured, everything else at exactly half of FP16's time
+    conv_fp16, conv_int8 = cmp["all"]["conv_ms_fp16"], cmp["all"]["conv_ms_int8-qdq"]
+    assert cmp["all"]["conv_bound_speedup"] == pytest.approx(3.9313 / (conv_int8 + (3.9313 - conv_fp16) / 2),
+                                                             abs=1e-3)
+    assert cmp["all"]["speedup"] < cmp["all"]["conv_bound_speedup"] < 2
     assert cmp["model.10"]["fp16_ms_int8-qdq"] > 0.1  # an FP16 island: C2PSA attention
 
 
@@ -129,6 +134,7 @@ def test_report_writes_tables_summary_and_plot(tmp_path):
     assert "images_QuantizeLinear" in md and "/model.23/dfl/Softmax_output_0_QuantizeLinear" in md
     assert "## FP16/FP32 islands in int8-qdq" in md and "| model.10 |" in md
     assert "4.080" in md  # end-to-end beside the layer sums
+    assert "Ceiling set by the convolutions" in md
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
     header = paths["by_block"].read_text().splitlines()[0].split(",")
     assert {"block", "ms_fp16", "ms_int8-qdq", "conv_speedup_int8-qdq", "reformat_n_int8-qdq"} <= set(header)

@@ -48,8 +48,8 @@ def test_calibration_cap_renames_and_merges_points(tmp_path):
 
 
 def test_default_grid_builds_everything_at_the_deployed_level():
-    """The default grid has no screening level: every engine, references included, at TensorRT's default level 3;
-    the wide search (the published run) screened at level 1."""
+    """The default grid has no screening level: every engine, references included, at TensorRT's default level 3 (the
+    published run measured every point and profile of it there); the wide search screens at level 1."""
     grid = load_grid(REPO / "recipes/grids/yolo11n.yaml", REPO)
     points = expand(grid)
     assert grid.screen is None and {p.builder_optimization_level for p in points} == {3}
@@ -57,7 +57,10 @@ def test_default_grid_builds_everything_at_the_deployed_level():
     assert len(points) == 9  # base collapsed into its reference: 1 calibration + 2 placements + 1 rewrite
     wide = load_grid(REPO / "recipes/grids/yolo11n-wide.yaml", REPO)
     assert wide.screen.builder_optimization_level == 1 and wide.base.builder_optimization_level == 3
-    assert json.loads((REPO / "results/yolo11n/sweep.json").read_text())["grid"] == "recipes/grids/yolo11n-wide.yaml"
+    published = json.loads((REPO / "results/yolo11n/sweep.json").read_text())
+    assert published["grid"] == "recipes/grids/yolo11n.yaml" and published["complete"]
+    measured = {(r["config"], r["profile"]) for r in published["rows"] if r["level"] == 3}
+    assert measured == {(p.name, prof) for p in points for prof in ("b1", "b32")}
 
 
 def test_a_field_at_its_omitted_default_leaves_keys_and_names_alone():
@@ -282,5 +285,6 @@ def test_report_profile_section_reads_the_committed_by_block_table(tmp_path):
     md = "\n".join(profile_section(layout, Table(rows, final_level=3)))
     total = next(r for r in csv.DictReader(open(src)) if r["block"] == "all")
     assert f"| int8-qdq | {float(total['speedup_int8-qdq']):.2f}x | {float(total['conv_speedup_int8-qdq']):.2f}x" in md
+    assert f"| {float(total['conv_bound_speedup_int8-qdq']):.2f}x |" in md
     assert "profile/b32-L3/profile.md" in md
     assert profile_section(Layout("yolo11n", tmp_path, tmp_path / "none"), Table(rows, final_level=3)) == []

@@ -319,7 +319,9 @@ def _ratio(a: float, b: float) -> float | None:
 def compare(rows_a: list[dict], rows_b: list[dict], labels=("a", "b")) -> list[dict]:
     """Two engines' layer rows side by side by block, then 'all': ms each and the speed-up a/b, conv ms and its
     speed-up, reformat ms and count, b's Q/DQ ms and ms by precision (the FP16/FP32 'islands' of an INT8 b), and
-    `above_2x_ms`: b's ms above half of a's, what keeps b from a 2x speed-up."""
+    `above_2x_ms`: b's ms above half of a's, what keeps b from a 2x speed-up; and `conv_bound_speedup`: the speed-up
+    b would reach with its convolutions as they are and every other layer at exactly half of a's time, the most that
+    removing b's reformats, Q/DQ and float islands can bring while the convolutions gain only what they gain."""
     la, lb = labels
     ta, tb = {r["block"]: r for r in by_block(rows_a)}, {r["block"]: r for r in by_block(rows_b)}
     ta["all"], tb["all"] = totals(rows_a), totals(rows_b)
@@ -337,6 +339,7 @@ def compare(rows_a: list[dict], rows_b: list[dict], labels=("a", "b")) -> list[d
             row[f"{p}_ms_{lb}"] = b.get(f"{p}_ms", 0.0)
         row[f"not_int8_share_{lb}"] = _ratio(b["ms"] - b.get("int8_ms", 0.0), b["ms"])
         row["above_2x_ms"] = b["ms"] - a["ms"] / 2
+        row["conv_bound_speedup"] = _ratio(a["ms"], b.get("conv_ms", 0.0) + (a["ms"] - a.get("conv_ms", 0.0)) / 2)
         out.append(row)
     return out
 
@@ -423,7 +426,10 @@ def _lose_2x_md(la: str, rows_a: list[dict], lb: str, rows_b: list[dict]) -> lis
            f"- Convolutions: {ta['conv_ms']:.3f} -> {tb['conv_ms']:.3f} ms: {_ratio(ta['conv_ms'], tb['conv_ms'])}x; "
            f"{tb['int8_conv_ms']:.3f} ms of {lb}'s conv time is INT8.",
            f"- {lb} is {tb['ms'] - ta['ms'] / 2:.3f} ms above half of {la}; by kind ({lb}'s ms minus half of "
-           f"{la}'s): {why}.", "",
+           f"{la}'s): {why}.",
+           f"- Ceiling set by the convolutions: with {lb}'s convolutions as they are and every other layer at half of "
+           f"{la}'s time, the layer sum would be {cmp[-1]['conv_bound_speedup']}x {la}'s; beyond that only faster "
+           "INT8 convolutions help.", "",
            "Per block (`above 2x`: ms above half of the reference's block time; `conv x`: conv speed-up):", ""]
     rows = [[r["block"], r[f"ms_{la}"], r[f"ms_{lb}"], r["speedup"], r[f"conv_ms_{la}"], r[f"conv_ms_{lb}"],
              r["conv_speedup"], r[f"reformat_ms_{la}"], r[f"reformat_ms_{lb}"], r[f"qdq_ms_{lb}"],
