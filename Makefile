@@ -26,11 +26,15 @@ JOBS_PER_GPU ?= 1#                                      builds side by side on o
 SWEEP_ARGS ?=#                                          more tools.sweep flags, e.g. --stop-after 420 --shard 1/2
 BUDGET     ?= 0.5#                                      mAP50-95 points INT8 may lose against FP16 in the report's rule
 SENS_IMAGES ?= 32#                                      calibration images the sensitivity analysis measures on
+SENS_UNIT  ?= block#                                    what sensitivity puts back in float at a time: block | layer
+SENS_TARGET ?= 0.95#                                    agreement with FP32 the sensitivity proposal aims for
+SENS_GROUPS ?= 4#                                       most blocks or layers the sensitivity proposal keeps in float
 SENS_PROFILE ?=#                                         by-block.csv of `make profile`: latency-aware proposal
-MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks may add
+MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks or layers may add
 
 KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
-        TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_PROFILE MS_BUDGET
+        TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_UNIT \
+        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET
 
 # the one-recipe targets check RECIPE before doing anything
 ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
@@ -109,11 +113,11 @@ profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16
 summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set's records
 	$(SUMMARY)
 
-sensitivity: $(ENV)  ## which blocks cost accuracy when INT8, and the smallest exclusion set proposed
+sensitivity: $(ENV)  ## which blocks (or layers) cost accuracy when INT8, and the smallest exclusion set proposed
 	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES) \
-	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
-	    $(if $(SENS_PROFILE),--profile "$(SENS_PROFILE)" -o "$(RESULTS)/$(MODEL)/sensitivity-latency.json",\
-	                         -o "$(RESULTS)/$(MODEL)/sensitivity.json") \
+	    --unit $(SENS_UNIT) --target $(SENS_TARGET) --max-groups $(SENS_GROUPS) \
+	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) $(if $(SENS_PROFILE),--profile "$(SENS_PROFILE)") \
+	    -o "$(RESULTS)/$(MODEL)/sensitivity$(if $(filter layer,$(SENS_UNIT)),-layers)$(if $(SENS_PROFILE),-latency).json" \
 	    $(if $(MS_BUDGET),--ms-budget $(MS_BUDGET)) $(if $(OVERWRITE),--overwrite)
 
 sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)

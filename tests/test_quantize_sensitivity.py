@@ -135,3 +135,50 @@ def test_concat_rewrite_is_exact_and_gives_concats_one_scale(quantized):
     x = to_input(np.stack([preprocess(p, 640)[0] for p in images]))
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]  # noqa: E731
     assert np.array_equal(run(plain), run(path))
+
+
+def test_layer_groups_are_the_nodes_reading_quantized_activations(quantized):
+    """`--unit layer`: one group per node fed through a Q/DQ pair; bypassing one leaves its neighbours quantized."""
+    from tools.sensitivity import layer_groups
+
+    _, _, path = quantized
+    model = onnx.load(str(path))
+    groups = layer_groups(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]  # (an excluded node may still read an
+    # activation ModelOpt quantized for its other consumers: it is a group too)
+    assert set(c for c in convs if "/attn/" not in c) <= set(groups)  # the recipe keeps C2PSA's attention in float
+    assert {n.op_type for n in model.graph.node if n.name in groups} <= {"Conv", "Add", "Concat", "MaxPool", "Resize"}
+    floated = bypass_qdq(model, groups["/model.1/conv/Conv"])
+    producer = {o: n.op_type for n in floated.graph.node for o in n.output}
+    node = {n.name: n for n in floated.graph.node}
+    assert producer[node["/model.1/conv/Conv"].input[0]] != "DequantizeLinear"
+    assert producer[node["/model.0/conv/Conv"].input[0]] == "DequantizeLinear"
+    assert producer[node["/model.2/cv1/conv/Conv"].input[0]] == "DequantizeLinear"
+
+
+def test_layer_costs_come_from_the_per_layer_tables(quantized):
+    """A conv's cost is its TensorRT layer's time in the FP16 engine minus in the INT8 one, read off the CSVs."""
+    import csv
+
+    from tools.sensitivity import layer_costs, layer_groups
+
+    _, _, path = quantized
+    groups = layer_groups(onnx.load(str(path)))
+    costs = layer_costs(PROFILE, "int8-qdq", groups)
+    assert set(costs) == set(groups)
+
+    def layer_ms(engine: str, node: str) -> float:
+        rows = csv.DictReader(open(PROFILE.parent / f"{engine}.layers.csv"))
+        return sum(float(r["ms"]) for r in rows if node in r["onnx_nodes"].split())
+    for node in ("/model.0/conv/Conv", "/model.2/cv2/conv/Conv", "/model.22/cv1/conv/Conv"):
+        assert costs[node] == pytest.approx(layer_ms("fp16", node) - layer_ms("int8-qdq", node), abs=1e-9)
+    assert sum(costs.values()) < sum(float(r["ms_fp16"]) for r in csv.DictReader(open(PROFILE)) if r["block"] != "all")
+
+
+def test_layer_costs_without_the_layer_tables_is_a_one_line_error(tmp_path):
+    from tools.common import UserError
+    from tools.sensitivity import layer_costs
+
+    (tmp_path / "by-block.csv").write_text("block,ms_fp16,ms_int8-qdq\nmodel.0,0.1,0.05\n")
+    with pytest.raises(UserError, match=r"fp16\.layers\.csv.*make profile"):
+        layer_costs(tmp_path / "by-block.csv", "int8-qdq", ["/model.0/conv/Conv"])

@@ -288,3 +288,21 @@ def test_report_profile_section_reads_the_committed_by_block_table(tmp_path):
     assert f"| {float(total['conv_bound_speedup_int8-qdq']):.2f}x |" in md
     assert "profile/b32-L3/profile.md" in md
     assert profile_section(Layout("yolo11n", tmp_path, tmp_path / "none"), Table(rows, final_level=3)) == []
+
+
+def test_every_committed_grid_expands_and_the_layer_proposal_names_single_nodes():
+    """Each grid under recipes/grids loads; the per-layer latency-aware point excludes what the committed per-layer
+    sensitivity proposed, each added regex matching exactly one node of the model."""
+    import re
+
+    import onnx
+
+    for path in sorted((REPO / "recipes/grids").glob("*.yaml")):
+        assert expand(load_grid(path, REPO)), path.name
+    points = {p.name: p for p in expand(load_grid(REPO / "recipes/grids/yolo11n-layers.yaml", REPO))}
+    proposal = json.loads((REPO / "results/yolo11n/sensitivity-layers-latency.json").read_text())["proposal"]
+    point = points["qdq-x-layer-latency-aware"]
+    assert list(point.nodes_to_exclude) == proposal["nodes_to_exclude"]
+    names = [n.name for n in onnx.load(str(REPO / "models/yolo11/yolo11n.onnx")).graph.node]
+    added = proposal["nodes_to_exclude"][len(points["int8-dfl-mse"].nodes_to_exclude):]
+    assert added and all(sum(bool(re.match(rx, n)) for n in names) == 1 for rx in added)

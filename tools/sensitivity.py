@@ -1,26 +1,31 @@
-"""Which blocks of a Q/DQ model cost the most accuracy when quantized, and the smallest exclusion set to fix it.
+"""Which blocks or layers of a Q/DQ model cost the most accuracy when quantized, and the smallest exclusion set to fix it.
 
 Starting from the recipe's INT8 Q/DQ model, each block (/model.K/, with the Detect head split into its box branch,
-class branch and DFL) is put back to float on its own by bypassing the Q/DQ pairs that feed it, and ONNX Runtime
+class branch and DFL), or with `--unit layer` each node that reads a quantized activation (every Conv, and the Add,
+Concat, MaxPool and Resize nodes ModelOpt quantizes), is put back to float on its own by bypassing the Q/DQ pairs that
+feed it (its weights stay as quantized: the proxy measures activation quantization), and ONNX Runtime
 measures how far the model's detections are from the FP32 model's: mAP50-95 of the variant scored against the FP32
 detections (score >= 0.25) as ground truth, on calibration images (never evaluation images, so the choice is not
-fitted to the numbers we report). Blocks are then added greedily, most helpful first, until that agreement reaches
-the target; the proposal is the recipe's exclusions plus those blocks. The sweep takes it as an axis value and
+fitted to the numbers we report). Groups are then added greedily, most helpful first, until that agreement reaches
+the target; the proposal is the recipe's exclusions plus those groups. The sweep takes it as an axis value and
 measures its real COCO mAP and speed on the GPU.
-Latency-aware (`--profile BY_BLOCK_CSV`, from `make profile`): each block's cost is what it adds to the engine when it
-runs in FP16 instead of INT8, read from the per-layer profile (the block's time in the FP16 engine minus its time in
-the INT8 one; the reformats at its new borders are not in it, so the estimate is optimistic). Blocks are then taken by
-agreement gained per millisecond (blocks that cost nothing first), and a block that would take the total over
-`--ms-budget` is skipped.
+Latency-aware (`--profile BY_BLOCK_CSV`, from `make profile`): each group's cost is what it adds to the engine when it
+runs in FP16 instead of INT8, read from the per-layer profile: a block's time in the FP16 engine minus its time in
+the INT8 one, or for a layer the same from the engines' per-layer CSVs beside the by-block table (a TensorRT layer's
+time shared among the nodes it fuses). The reformats at a group's new borders are not in it, so the estimate is
+optimistic. Groups are then taken by agreement gained per millisecond (those that cost nothing first), and one that
+would take the total over `--ms-budget` is skipped.
 Usage: python -m tools.sensitivity recipes/yolo11n/int8-qdq.yaml --calib-dir DIR [--images 48] [--target 0.95]
-       [--profile results/yolo11n/profile/b32-L3/by-block.csv --ms-budget 0.05]
+       [--unit layer --max-groups 8] [--profile results/yolo11n/profile/b32-L3/by-block.csv --ms-budget 0.05]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import re
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,28 @@ def block_groups(node_names) -> dict[str, str]:
     return groups
 
 
+def _reads_quantized_activation(model):
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def quantized(name: str) -> bool:
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q is not None and q.op_type == "QuantizeLinear"
+    return quantized
+
+
+def layer_groups(model) -> dict[str, str]:
+    """{node name: regex matching it alone}: every node that reads an activation through a Q/DQ pair, which
+    `bypass_qdq` can put back in float, in graph order (Shape reads no values: left out)."""
+    quantized = _reads_quantized_activation(model)
+    return {n.name: rf"^{re.escape(n.name)}$" for n in model.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape") and any(map(quantized, n.input))}
+
+
+def groups_of(model, unit: str) -> dict[str, str]:
+    return layer_groups(model) if unit == "layer" else block_groups([n.name for n in model.graph.node])
+
+
 def profile_block(label: str) -> str:
     """The block name `tools.profile` gives the same group: model.K, or model.K/cv2|cv3|dfl for the head's branches."""
     m = re.fullmatch(r"head-\w+ \(model\.(\d+)\.(\w+)\)", label)
@@ -69,13 +96,38 @@ def block_costs(csv_path, recipe: str) -> dict[str, float]:
     return {b: float(r["ms_fp16"]) - float(r[column]) for b, r in rows.items() if b != "all"}
 
 
+def layer_costs(csv_path, recipe: str, nodes) -> dict[str, float]:
+    """{node: ms it adds when it runs in FP16 rather than as in `recipe`'s engine}, from the per-layer CSVs `make
+    profile` writes beside its by-block table (`fp16.layers.csv`, `<recipe>.layers.csv`). A TensorRT layer's time is
+    shared equally among the given nodes it runs (a conv's fused activation is not one of them, so the conv gets it
+    all); a node neither engine runs costs nothing."""
+    folder, nodes = Path(csv_path).parent, set(nodes)
+
+    def shares(engine: str) -> dict[str, float]:
+        path = folder / f"{engine}.layers.csv"
+        if not path.is_file():
+            raise UserError(f"{path}: no per-layer table of {engine} beside {Path(csv_path).name}; run `make profile "
+                            f"RECIPE=recipes/<model>/{recipe}.yaml` (it writes both engines' tables)")
+        out: dict[str, float] = defaultdict(float)
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                mine = [n for n in row["onnx_nodes"].split() if n in nodes]
+                for n in mine:
+                    out[n] += float(row["ms"]) / len(mine)
+        return out
+
+    fp16, ours = shares("fp16"), shares(recipe)
+    return {n: fp16.get(n, 0.0) - ours.get(n, 0.0) for n in nodes}
+
+
 def block_cost(costs: dict[str, float], label: str) -> float:
-    """The ms of a sensitivity group in `block_costs`; a block the profile lacks ran nowhere: it costs nothing."""
+    """The ms of a sensitivity group in `block_costs` (blocks) or `layer_costs` (nodes, their own labels); a group the
+    profile lacks ran nowhere: it costs nothing."""
     return costs.get(profile_block(label), 0.0)
 
 
 def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]:
-    """Blocks that help, those costing nothing first (most gain first), then by gain per millisecond."""
+    """Groups that help, those costing nothing first (most gain first), then by gain per millisecond."""
     helpful = [b for b in gains if gains[b] > 0]
     cost = lambda b: block_cost(costs, b)  # noqa: E731
     return sorted(helpful, key=lambda b: (cost(b) > 0, -gains[b] if cost(b) <= 0 else -gains[b] / cost(b)))
@@ -145,18 +197,19 @@ class Proxy:
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,
             previous: dict | None = None, calib_images: int | None = None, profile=None,
-            ms_budget: float | None = None) -> dict:
-    """`previous`: an earlier result; its per-block gains are reused when it measured the same model on the same
-    images (changing only the target or the group budget costs a few evaluations, not a full pass).
+            ms_budget: float | None = None, unit: str = "block") -> dict:
+    """`unit`: `block` or `layer`, what one group is.
+    `previous`: an earlier result; its per-group gains are reused when it measured the same model on the same
+    images with the same unit (changing only the target or the group budget costs a few evaluations, not a full pass).
     `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
-    `profile`: a by-block.csv of `make profile`; blocks are then chosen by gain per millisecond within `ms_budget`."""
+    `profile`: a by-block.csv of `make profile`; groups are then chosen by gain per millisecond within `ms_budget`."""
     import onnx
     from tqdm import tqdm
 
     from tools.quantize import quantize
 
     recipe = load(recipe_path)
-    costs = block_costs(profile, recipe.name) if profile else None
+    costs = block_costs(profile, recipe.name) if profile and unit == "block" else None
     if calib_images and recipe.calib_images > calib_images:
         recipe = recipe.replace(calib_images=calib_images)
     if yolo_graph.is_random_weights(recipe.onnx_path):
@@ -167,12 +220,15 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     proxy = Proxy(recipe.onnx_path, files, recipe.imgsz)
     qdq = onnx.load(str(qdq_path))
     base = proxy.score(qdq)
-    log(f"{recipe.name}: agreement with FP32 {base:.4f} with every block as quantized by the recipe")
-    groups = block_groups([n.name for n in qdq.graph.node])
+    log(f"{recipe.name}: agreement with FP32 {base:.4f} with every {unit} as quantized by the recipe")
+    groups = groups_of(qdq, unit)
+    if profile and unit == "layer":
+        costs = layer_costs(profile, recipe.name, groups)
     same = previous and previous.get("qdq_model") == str(qdq_path.relative_to(REPO)) and \
-        previous.get("images") == len(files) and previous.get("image_dir") == str(calib_dir)
+        previous.get("images") == len(files) and previous.get("image_dir") == str(calib_dir) and \
+        previous.get("unit", "block") == unit
     gains = {b["block"]: b["gain"] for b in previous["blocks"]} if same else {}
-    for label, pattern in tqdm([g for g in groups.items() if g[0] not in gains], desc="blocks", unit="block"):
+    for label, pattern in tqdm([g for g in groups.items() if g[0] not in gains], desc=f"{unit}s", unit=unit):
         gains[label] = proxy.score(bypass_qdq(qdq, pattern)) - base
     ranked = sorted(gains, key=gains.get, reverse=True)
     cost = (lambda b: max(block_cost(costs, b), 0.0)) if costs else (lambda b: 0.0)  # noqa: E731
@@ -190,7 +246,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
         log(f"  + {label}: agreement {current:.4f}" + (f", about +{spent:.3f} ms" if costs else ""))
     latency = {"profile": str(profile), "ms_budget": ms_budget,
                "ms_added": {g: round(block_cost(costs, g), 4) for g in ranked}} if costs else None
-    return {"recipe": recipe.name, "qdq_model": str(qdq_path.relative_to(REPO)), "images": len(files),
+    return {"recipe": recipe.name, "unit": unit, "qdq_model": str(qdq_path.relative_to(REPO)), "images": len(files),
             "image_dir": str(calib_dir), "metric": "mAP50-95 against FP32 detections (score >= 0.25)",
             "baseline_agreement": round(base, 5), "target": target,
             "blocks": [{"block": g, "regex": groups[g], "gain": round(gains[g], 5)} for g in ranked],
@@ -202,14 +258,17 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
 
 def markdown(res: dict) -> str:
     lat = res.get("latency")
-    lines = [f"# Quantization sensitivity of `{res['recipe']}`", "",
-             f"Metric: {res['metric']} on {res['images']} calibration images; all blocks INT8 as in the recipe: "
+    unit = res.get("unit", "block")
+    lines = [f"# Quantization sensitivity of `{res['recipe']}`" + (", layer by layer" if unit == "layer" else ""), "",
+             f"Metric: {res['metric']} on {res['images']} calibration images; all {unit}s INT8 as in the recipe: "
              f"{res['baseline_agreement']:.4f}."]
     if lat:
-        lines += ["", f"Latency-aware: each block's ms is what it adds in FP16, from `{lat['profile']}` (its FP16-engine "
-                      f"time minus its INT8-engine time; border reformats not counted); budget "
+        source = "its FP16-engine time minus its INT8-engine time" if unit == "block" else \
+            "its TensorRT layer's time in the FP16 engine minus in the INT8 one, from the per-layer CSVs beside it"
+        lines += ["", f"Latency-aware: each {unit}'s ms is what it adds in FP16, from `{lat['profile']}` ({source}; "
+                      f"border reformats not counted); budget "
                       f"{'none' if lat['ms_budget'] is None else str(lat['ms_budget']) + ' ms'}."]
-    lines += ["", "| block | gain when kept in float |" + (" ms added in FP16 |" if lat else ""),
+    lines += ["", f"| {unit} | gain when kept in float |" + (" ms added in FP16 |" if lat else ""),
               "|---|---|" + ("---|" if lat else "")]
     lines += [f"| {b['block']} | {b['gain']:+.4f} |" + (f" {lat['ms_added'][b['block']]:+.3f} |" if lat else "")
               for b in res["blocks"]]
@@ -229,26 +288,33 @@ def main(argv=None):
     ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
     ap.add_argument("--calib-images", type=positive_int, help="cap the recipe's calib_images (a small folder)")
     ap.add_argument("--target", type=float, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
-    ap.add_argument("--max-groups", type=positive_int, default=4)
-    ap.add_argument("--profile", help="by-block.csv of `make profile` (fp16 and this recipe): choose blocks by "
-                                      "agreement gained per millisecond")
-    ap.add_argument("--ms-budget", type=float, help="with --profile: most milliseconds the float blocks may add")
+    ap.add_argument("--unit", choices=("block", "layer"), default="block",
+                    help="what is put back in float at a time: a YOLO block, or one node (every quantized Conv, ...)")
+    ap.add_argument("--max-groups", type=positive_int, default=4, help="most blocks or layers the proposal keeps in "
+                                                                         "float")
+    ap.add_argument("--profile", help="by-block.csv of `make profile` (fp16 and this recipe; per layer: its layer "
+                                      "CSVs beside it): choose groups by agreement gained per millisecond")
+    ap.add_argument("--ms-budget", type=float, help="with --profile: most milliseconds the float groups may add")
     ap.add_argument("--trt", default="8.6")
-    ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity.json (+ .md)")
+    ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity[-layers].json (+ .md)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
     args = ap.parse_args(argv)
     recipe = load(args.recipe)
-    out = Path(args.output) if args.output else Layout(recipe.model).out / "sensitivity.json"
+    out = Path(args.output) if args.output else \
+        Layout(recipe.model).out / ("sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json")
     layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
     for path in (out, out.with_suffix(".md")):  # refused before the analysis, not after it
         layout.guard(path)
     if args.ms_budget is not None and not args.profile:
         raise UserError("--ms-budget needs --profile (the by-block.csv of `make profile`) to know what blocks cost")
-    # per-block gains are reused from an earlier result on the same model and images: this file's, or the plain one's
-    earlier = next((p for p in (out, out.parent / "sensitivity.json") if p.is_file()), None)
+    # per-group gains are reused from an earlier result on the same model, images and unit: this file's, or the
+    # plain one's
+    plain = out.parent / ("sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json")
+    earlier = next((p for p in (out, plain) if p.is_file()), None)
     previous = read_json(earlier, "sensitivity result") if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
-                  previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget)
+                  previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget,
+                  unit=args.unit)
     layout.write_json(out, res)
     layout.write_text(out.with_suffix(".md"), markdown(res))
     print(markdown(res))
