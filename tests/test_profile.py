@@ -123,7 +123,9 @@ def test_by_block_and_comparison(rows):
 
 def test_report_writes_tables_summary_and_plot(tmp_path):
     pairs = [(lab, DATA / f"{lab}.b32.L1.layers.json.gz", DATA / f"{lab}.b32.L1.profile.json.gz") for lab in ENGINES]
+    (tmp_path / "qdq-old.layers.csv").write_text("name,ms\n")  # an earlier comparison's engine
     paths = report(pairs, tmp_path, {"fp16": 4.08, "int8-qdq": 3.26})
+    assert sorted(p.name for p in tmp_path.glob("*.layers.csv")) == ["fp16.layers.csv", "int8-qdq.layers.csv"]
     md = paths["summary"].read_text()
     # the largest reformat / Q/DQ layers, found in the raw files: max medianMs among LayerType Reformat
     for lab in ENGINES:

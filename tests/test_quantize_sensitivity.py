@@ -182,3 +182,5 @@ def test_layer_costs_without_the_layer_tables_is_a_one_line_error(tmp_path):
     (tmp_path / "by-block.csv").write_text("block,ms_fp16,ms_int8-qdq\nmodel.0,0.1,0.05\n")
     with pytest.raises(UserError, match=r"fp16\.layers\.csv.*make profile"):
         layer_costs(tmp_path / "by-block.csv", "int8-qdq", ["/model.0/conv/Conv"])
+    with pytest.raises(UserError, match="ms_int8-dfl-mse"):  # layer tables beside a comparison without the recipe
+        layer_costs(tmp_path / "by-block.csv", "int8-dfl-mse", ["/model.0/conv/Conv"])

@@ -585,7 +585,8 @@ def _rounded(rows: list[dict]) -> list[dict]:
 
 def report(pairs: list[tuple[str, str, str]], out_dir, e2e_ms: dict | None = None, top: int = 12) -> dict:
     """(label, layers JSON, profile JSON) per engine -> OUT_DIR/<label>.layers.csv, by-block.csv, profile.md,
-    profile.png. e2e_ms: {label: end-to-end median ms} where known. Returns the written paths by name."""
+    profile.png, removing other engines' tables from OUT_DIR. e2e_ms: {label: end-to-end median ms} where known.
+    Returns the written paths by name."""
     out_dir = Path(out_dir)
     engines, runs, paths = [], {}, {}
     for label, layers_path, profile_path in pairs:
@@ -600,6 +601,10 @@ def report(pairs: list[tuple[str, str, str]], out_dir, e2e_ms: dict | None = Non
     write_text(paths["summary"], summary_md(engines, e2e_ms, runs, top))
     paths["plot"] = out_dir / "profile.png"
     plot(engines, paths["plot"])
+    # one folder holds one comparison: an engine table left by an earlier one would sit beside a by-block.csv that
+    # does not have it, and be read as if it did (the per-layer sensitivity reads them)
+    for stale in set(out_dir.glob("*.layers.csv")) - {paths[f"{label}.csv"] for label, _ in engines}:
+        stale.unlink()
     return paths
 
 

@@ -101,6 +101,7 @@ def layer_costs(csv_path, recipe: str, nodes) -> dict[str, float]:
     profile` writes beside its by-block table (`fp16.layers.csv`, `<recipe>.layers.csv`). A TensorRT layer's time is
     shared equally among the given nodes it runs (a conv's fused activation is not one of them, so the conv gets it
     all); a node neither engine runs costs nothing."""
+    block_costs(csv_path, recipe)  # the by-block table must compare fp16 with `recipe`: its layer tables are beside it
     folder, nodes = Path(csv_path).parent, set(nodes)
 
     def shares(engine: str) -> dict[str, float]:
