@@ -52,22 +52,21 @@ def block_groups(node_names) -> dict[str, str]:
     return groups
 
 
-def _reads_quantized_activation(model):
-    producer = {o: n for n in model.graph.node for o in n.output}
-
-    def quantized(name: str) -> bool:
-        dq = producer.get(name)
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        return q is not None and q.op_type == "QuantizeLinear"
-    return quantized
+def quantized_source(producer: dict, tensor: str) -> str | None:
+    """The float tensor a Q/DQ pair quantized into `tensor` (a DequantizeLinear's output fed by a QuantizeLinear),
+    or None where `tensor` is no such pair's output (a weight's DequantizeLinear reads an initializer: None)."""
+    dq = producer.get(tensor)
+    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
 
 def layer_groups(model) -> dict[str, str]:
     """{node name: regex matching it alone}: every node that reads an activation through a Q/DQ pair, which
     `bypass_qdq` can put back in float, in graph order (Shape reads no values: left out)."""
-    quantized = _reads_quantized_activation(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
     return {n.name: rf"^{re.escape(n.name)}$" for n in model.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape") and any(map(quantized, n.input))}
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape")
+            and any(quantized_source(producer, i) for i in n.input)}
 
 
 def groups_of(model, unit: str) -> dict[str, str]:
@@ -145,10 +144,7 @@ def bypass_qdq(model, pattern: str):
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not rx.search(node.name):
             continue
         for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is not None and dq.op_type == "DequantizeLinear":
-                q = producer.get(dq.input[0])
-                node.input[i] = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else name
+            node.input[i] = quantized_source(producer, name) or name
     return model
 
 
@@ -210,7 +206,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     from tools.quantize import quantize
 
     recipe = load(recipe_path)
-    costs = block_costs(profile, recipe.name) if profile and unit == "block" else None
+    costs = block_costs(profile, recipe.name) if profile else None  # a wrong profile fails before the long work
     if calib_images and recipe.calib_images > calib_images:
         recipe = recipe.replace(calib_images=calib_images)
     if yolo_graph.is_random_weights(recipe.onnx_path):
@@ -223,8 +219,8 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     base = proxy.score(qdq)
     log(f"{recipe.name}: agreement with FP32 {base:.4f} with every {unit} as quantized by the recipe")
     groups = groups_of(qdq, unit)
-    if profile and unit == "layer":
-        costs = layer_costs(profile, recipe.name, groups)
+    if costs is not None and unit == "layer":
+        costs = layer_costs(profile, recipe.name, groups)  # per node, from the layer tables beside the by-block one
     same = previous and previous.get("qdq_model") == str(qdq_path.relative_to(REPO)) and \
         previous.get("images") == len(files) and previous.get("image_dir") == str(calib_dir) and \
         previous.get("unit", "block") == unit
@@ -301,8 +297,8 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
     args = ap.parse_args(argv)
     recipe = load(args.recipe)
-    out = Path(args.output) if args.output else \
-        Layout(recipe.model).out / ("sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json")
+    plain_name = "sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json"
+    out = Path(args.output) if args.output else Layout(recipe.model).out / plain_name
     layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
     for path in (out, out.with_suffix(".md")):  # refused before the analysis, not after it
         layout.guard(path)
@@ -310,8 +306,7 @@ def main(argv=None):
         raise UserError("--ms-budget needs --profile (the by-block.csv of `make profile`) to know what blocks cost")
     # per-group gains are reused from an earlier result on the same model, images and unit: this file's, or the
     # plain one's
-    plain = out.parent / ("sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json")
-    earlier = next((p for p in (out, plain) if p.is_file()), None)
+    earlier = next((p for p in (out, out.parent / plain_name) if p.is_file()), None)
     previous = read_json(earlier, "sensitivity result") if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
                   previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget,

@@ -113,7 +113,7 @@ def markdown(rows: list[dict], missing: list[str], int8: str, heading: str = "# 
     if any(r["avg_timing"] is None for r in rows):
         md += ["", "avgTiming `-`: the build log passes no `--avgTiming`. Those engines predate the flag, when the "
                    "fallback trtexec timed each tactic once (the builder API's default); trtexec and the fallback now "
-                   "average 8 timings, and with one TensorRT can keep a slower tactic (README, 'Batch 1 at level 3')."]
+                   "average 8 timings, and with one TensorRT can keep a slower tactic (README, 'Results', 'Batch 1 is fixed')."]
     if missing:
         md += ["", f"Not measured: {', '.join(missing)} (no sweep with `fp16` and `{int8}` at its final level under "
                    f"the results root; `make sweep MODEL=<model>` on a GPU machine, then `python -m tools.records "

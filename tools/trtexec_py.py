@@ -22,8 +22,8 @@ FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes"
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
                     "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming"}
 # Kernel selection averages this many runs of each tactic: trtexec's --avgTiming default. The builder API's own default
-# is 1, and one timing of a few-microsecond batch-1 kernel on a busy host can rank tactics wrongly (the suspected cause
-# of README's "Batch 1 at level 3, two INT8 engines slower"); tools.engine passes it explicitly to either trtexec.
+# is 1, and one timing of a few-microsecond batch-1 kernel on a busy host can rank tactics wrongly (README, "Batch 1 is
+# fixed": int8-qdq's batch-1 engine ran slower than FP16 with 1, faster with 8); tools.engine passes it explicitly.
 AVG_TIMING = 8
 SWITCHES = {"fp16", "int8", "stronglyTyped", "skipInference", "useCudaGraph", "noDataTransfers", "verbose",
             "useSpinWait"}
