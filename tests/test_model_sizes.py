@@ -176,3 +176,18 @@ def test_static_size_must_match_the_strides():
     assert yolo_graph.static_size(["batch", 3, "height", "width"], ["batch", 84, "anchors"], "m.onnx") == (None, None)
     with pytest.raises(UserError, match="8000 anchors for a 640x640 input, YOLO11 has 8400"):
         yolo_graph.static_size([1, 3, 640, 640], [1, 84, 8000], "m.onnx")
+
+
+def test_stem_grid_leaves_only_the_first_convolution_in_float(exports, graphs):
+    """recipes/grids/yolo11m-stem.yaml adds to int8-qdq's exclusions one regex, and it names the convolution that
+    reads the images, nothing else (the images' Q/DQ goes with it)."""
+    from tools.sweep import expand, load_grid
+
+    g, _ = graphs["yolo11m"]
+    points = {p.name: p for p in expand(load_grid(REPO / "recipes/grids/yolo11m-stem.yaml", REPO))}
+    base, stem = points["int8-qdq"].nodes_to_exclude, points["qdq-x-fp16-stem"].nodes_to_exclude
+    added = [rx for rx in stem if rx not in base]
+    assert added and set(base) < set(stem)
+    nodes = onnx.load(str(exports["yolo11m"])).graph.node
+    hits = [n for n in nodes if any(re.match(rx, n.name) for rx in added)]
+    assert [(n.op_type, n.input[0]) for n in hits] == [("Conv", g.input_name)]
