@@ -31,10 +31,12 @@ SENS_TARGET ?= 0.95#                                    agreement with FP32 the 
 SENS_GROUPS ?= 4#                                       most blocks or layers the sensitivity proposal keeps in float
 SENS_PROFILE ?=#                                         by-block.csv of `make profile`: latency-aware proposal
 MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks or layers may add
+E2E ?= fp16 int8-dfl-mse fp16-e2e int8-dfl-mse-e2e#     recipes of MODEL that `make e2e` times end to end
+E2E_ARGS ?=#                                             more tools.e2e flags, e.g. --streams 4 --frames 128
 
 KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
         TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_UNIT \
-        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET
+        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS
 
 # the one-recipe targets check RECIPE before doing anything
 ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
@@ -61,12 +63,12 @@ SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "
           $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile summary sweep sensitivity report \
-        sizes test clean
+        sizes e2e test clean
 
 help:  ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "knobs (make VAR=value):"
-	@grep -E '^[A-Z_]+ +\?=.*#' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) +\?= *([^#]*)# *(.*)/  \1 (\3)/'
+	@grep -E '^[A-Z0-9_]+ +\?=.*#' $(MAKEFILE_LIST) | sed -E 's/^([A-Z0-9_]+) +\?= *([^#]*)# *(.*)/  \1 (\3)/'
 	@echo "  TRTEXEC (trtexec command; now: $(TRTEXEC))"
 	@echo "  POLYGRAPHY (polygraphy command; now: $(POLYGRAPHY))"
 
@@ -128,6 +130,11 @@ report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configur
 
 sizes: $(ENV)  ## RESULTS/sizes.{md,csv}: INT8 over FP16 speed-up by model size, from every model's sweep
 	$(PY) -m tools.sizes --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
+
+E2E_RECIPES = $(foreach r,$(E2E),recipes/$(MODEL)/$(r).yaml)
+e2e: $(ENV)  ## FP16 and INT8, raw and end-to-end engines: preprocess, copies, inference, NMS, whole-loop img/s
+	$(PIPELINE) engine $(E2E_RECIPES) $(SETUP)
+	$(PY) -m tools.e2e $(E2E_RECIPES) $(SETUP) $(E2E_ARGS)
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests

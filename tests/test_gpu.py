@@ -148,3 +148,16 @@ def test_static_batch_engine_is_scored_with_a_padded_last_batch(tmp_path):
     trt = evaluate(path, MINI, batch=8, limit=30, workers=4)
     ort = evaluate(MODEL, MINI, batch=8, limit=30, workers=4)
     assert trt["images"] == 30 and abs(trt["map50_95"] - ort["map50_95"]) < 0.01, (trt, ort)
+
+
+def test_end_to_end_timing_of_a_real_engine(engine):
+    """tools.e2e on a real engine: every stage timed, the loops run, and the whole frame costs more than inference."""
+    from tools.common import list_images, read_image
+    from tools.e2e import Thresholds, measure_engine
+
+    path, _ = engine
+    frames = [read_image(p) for p in list_images(MINI)[:8]]
+    row = measure_engine(path, 4, frames, 640, Thresholds(), 2, 0.2, 0.5)
+    assert row["input"] == "float32-nchw" and row["nms"] == "cpu"
+    assert all(row[f"{s}_p50"] > 0 for s in ("letterbox", "normalise", "h2d", "infer", "d2h", "nms"))
+    assert row["total_p50"] > row["infer_p50"] and row["loop_ips"] > 0 and row["resident_ips"] > row["loop_ips"]
