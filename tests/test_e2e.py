@@ -53,7 +53,7 @@ def test_nms_outputs_read_up_to_num_dets():
 
 
 def row(name, precision, profile, kind, total, infer, loop, resident):
-    samples = {s: [1.0] for s in ("letterbox", "normalise", "h2d", "d2h", "nms")}
+    samples = {s: [1.0] for s in ("letterbox", "normalise", "h2d", "d2h", "nms", "nms_deploy")}
     r = summarise({**samples, "infer": [infer, infer], "total": [total, total * 3]}, 32)
     return {"name": name, "precision": precision, "profile": profile, "kind": kind, "level": 3, **r,
             "loop_ips": loop, "resident_ips": resident}
