@@ -39,7 +39,7 @@ KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVA
         SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
+ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile ultralytics,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE) does not exist; recipes for MODEL=$(MODEL) are: $(notdir $(RECIPES)))
 endif
@@ -62,8 +62,8 @@ PIPELINE = $(PY) -m tools.pipeline
 SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "$(RESULTS)" \
           $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
 
-.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile summary sweep sensitivity report \
-        sizes e2e test clean
+.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile ultralytics summary sweep \
+        sensitivity report sizes e2e test clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -111,6 +111,9 @@ profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16
 	$(PIPELINE) engine,layers recipes/$(MODEL)/fp16.yaml $(RECIPE) $(SETUP)
 	$(PY) -m tools.profile --recipes recipes/$(MODEL)/fp16.yaml $(RECIPE) --results "$(RESULTS)" \
 	    $(if $(PROFILES),--profiles $(PROFILES)) $(if $(OVERWRITE),--overwrite)
+
+ultralytics: $(ENV)  ## copies of RECIPE's engines with ultralytics' header: YOLO("x.ultralytics.engine") loads them
+	$(PY) -m tools.ultralytics_engine --recipe $(RECIPE) --results "$(RESULTS)" $(if $(PROFILES),--profiles $(PROFILES))
 
 summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set's records
 	$(SUMMARY)

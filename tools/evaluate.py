@@ -22,6 +22,7 @@ import numpy as np
 
 from tools.common import COCO80_TO_91, UserError, image_size, import_tensorrt, list_images, positive_int, postprocess, \
     preprocess, run_main, scale_boxes, to_input, write_json
+from tools.ultralytics_engine import engine_bytes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ class TrtBackend:
         from polygraphy.backend.trt import TrtRunner
 
         runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        engine = runtime.deserialize_cuda_engine(engine_bytes(engine_path))
         if engine is None:
             raise UserError(f"{engine_path}: TensorRT {trt.__version__} cannot load it (another TensorRT version or "
                             f"GPU built it); rebuild it with make engine")

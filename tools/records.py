@@ -82,6 +82,11 @@ class Layout:
     def engines(self) -> Path:
         return self.root / "engines" / self.model
 
+    def ultralytics_engine(self, engine) -> Path:
+        """The copy of `engine` with ultralytics' metadata header (tools.ultralytics_engine): a deploy artifact beside
+        the engine trtexec wrote, which stays the one keys and timings refer to."""
+        return self.engines / f"{Path(engine).name.removesuffix('.engine')}.ultralytics.engine"
+
     @property
     def logs(self) -> Path:
         return self.root / "logs" / self.model

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.common import UserError, atomic_path, import_tensorrt, run_main
+from tools.ultralytics_engine import engine_bytes
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
@@ -614,7 +615,7 @@ def main(argv=None):
             path = Path(opts["loadEngine"])
             if not path.is_file():
                 raise UserError(f"{path}: no such engine; build it first (make engine)")
-            plan = path.read_bytes()
+            plan = engine_bytes(path)  # an ultralytics copy's header skipped
         if not opts.get("skipInference"):
             fb.infer(plan)
     print(f"&&&& PASSED trtexec_py # python -m tools.trtexec_py {' '.join(argv)}", flush=True)
