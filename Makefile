@@ -31,13 +31,17 @@ SENS_TARGET ?= 0.95#                                    agreement with FP32 the 
 SENS_GROUPS ?= 4#                                       most blocks or layers the sensitivity proposal keeps in float
 SENS_PROFILE ?=#                                         by-block.csv of `make profile`: latency-aware proposal
 MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks or layers may add
+SOURCE     ?= data/coco-mini/images#                   what `make predict` detects in: an image, a folder of images or a video
+MODEL_FILE ?=#                                          an engine or ONNX `make predict` runs instead of RECIPE's own
+CONF       ?= 0.25#                                    `make predict`'s score threshold: ultralytics predict's default
+IOU        ?= 0.7#                                     `make predict`'s NMS IoU; an engine with NMS inside keeps its own
 
 KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
         TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_UNIT \
-        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET
+        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET SOURCE MODEL_FILE CONF IOU
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile,$(MAKECMDGOALS)),)
+ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile predict,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE) does not exist; recipes for MODEL=$(MODEL) are: $(notdir $(RECIPES)))
 endif
@@ -61,7 +65,7 @@ SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "
           $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile summary sweep sensitivity report \
-        sizes test clean
+        sizes predict test clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -128,6 +132,11 @@ report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configur
 
 sizes: $(ENV)  ## RESULTS/sizes.{md,csv}: INT8 over FP16 speed-up by model size, from every model's sweep
 	$(PY) -m tools.sizes --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
+
+predict: $(ENV)  ## annotated SOURCE + detections JSON with RECIPE's engine (ONNX Runtime on a CPU machine)
+	$(PY) -m tools.predict "$(SOURCE)" $(RECIPE) --conf $(CONF) --iou $(IOU) --results "$(RESULTS)" \
+	    --calib-dir "$(CALIB_DIR)" $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
+	    $(if $(MODEL_FILE),--model "$(MODEL_FILE)") $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests
