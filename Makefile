@@ -33,13 +33,17 @@ SENS_PROFILE ?=#                                         by-block.csv of `make p
 MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks or layers may add
 E2E ?= fp16 int8-dfl-mse fp16-e2e int8-dfl-mse-e2e#     recipes of MODEL that `make e2e` times end to end
 E2E_ARGS ?=#                                             more tools.e2e flags, e.g. --streams 4 --frames 128
+SOURCE     ?= data/coco-mini/images#                   what `make predict` detects in: an image, a folder of images or a video
+MODEL_FILE ?=#                                          an engine or ONNX `make predict` runs instead of RECIPE's own
+CONF       ?= 0.25#                                    `make predict`'s score threshold: ultralytics predict's default
+IOU        ?= 0.7#                                     `make predict`'s NMS IoU; an engine with NMS inside keeps its own
 
 KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
         TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_UNIT \
-        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS
+        SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS SOURCE MODEL_FILE CONF IOU
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile ultralytics,$(MAKECMDGOALS)),)
+ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile ultralytics predict,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE) does not exist; recipes for MODEL=$(MODEL) are: $(notdir $(RECIPES)))
 endif
@@ -63,7 +67,7 @@ SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "
           $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile ultralytics summary sweep \
-        sensitivity report sizes e2e test clean
+        sensitivity report sizes e2e predict test clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -138,6 +142,11 @@ E2E_RECIPES = $(foreach r,$(E2E),recipes/$(MODEL)/$(r).yaml)
 e2e: $(ENV)  ## FP16 and INT8, raw and end-to-end engines: preprocess, copies, inference, NMS, whole-loop img/s
 	$(PIPELINE) engine $(E2E_RECIPES) $(SETUP)
 	$(PY) -m tools.e2e $(E2E_RECIPES) $(SETUP) $(E2E_ARGS)
+
+predict: $(ENV)  ## annotated SOURCE + detections JSON with RECIPE's engine (ONNX Runtime on a CPU machine)
+	$(PY) -m tools.predict "$(SOURCE)" $(RECIPE) --conf $(CONF) --iou $(IOU) --results "$(RESULTS)" \
+	    --calib-dir "$(CALIB_DIR)" $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
+	    $(if $(MODEL_FILE),--model "$(MODEL_FILE)") $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests

@@ -83,8 +83,8 @@ def test_scorer_matches_pycocotools():
 def test_predict_prefilter_keeps_every_detection():
     """predict() drops anchors with no class above conf before NMS; the detections must equal postprocess on the
     whole output, image by image (real outputs of the shipped images)."""
-    from tools.common import preprocess, to_input
-    from tools.evaluate import OnnxrtBackend, _detections, load_ground_truth, predict
+    from tools.common import postprocess, preprocess, to_input
+    from tools.evaluate import OnnxrtBackend, coco_results, load_ground_truth, predict
 
     _, files, _ = load_ground_truth(MINI)
     files = files[:6]
@@ -94,6 +94,6 @@ def test_predict_prefilter_keeps_every_detection():
     for p in files:
         chw, meta = preprocess(p)
         raw = backend.infer(to_input(chw[None]))[0]
-        expected += _detections((raw, meta, int(p.stem), 0.001, 0.7, 300))
+        expected += coco_results(postprocess(raw, 0.001, 0.7, 300), meta, int(p.stem))
         assert (raw[4:].max(axis=0) > 0.001).mean() < 0.9  # the filter has something to drop
     assert dets == expected and len(dets) > 100

@@ -161,3 +161,31 @@ def test_end_to_end_timing_of_a_real_engine(engine):
     assert row["input"] == "float32-nchw" and row["nms"] == "cpu"
     assert all(row[f"{s}_p50"] > 0 for s in ("letterbox", "normalise", "h2d", "infer", "d2h", "nms"))
     assert row["total_p50"] > row["infer_p50"] and row["loop_ips"] > 0 and row["resident_ips"] > row["loop_ips"]
+
+
+def test_end_to_end_engine_scores_like_the_raw_engine(engine, tmp_path):
+    """yolo11n end to end (uint8 NHWC in, EfficientNMS_TRT at ultralytics val's thresholds inside), built at level 0
+    with the fallback: the evaluator feeds it pixels, reads its num_dets rows, and scores it within 0.01 mAP50-95 of
+    the raw FP16 engine of the same model; the fallback times it on uint8 input."""
+    from tools.evaluate import TrtBackend, evaluate
+
+    onnx_path, path = tmp_path / "e2e.onnx", tmp_path / "e2e.engine"
+    res = run_tool("tools.deploy_graph", str(MODEL), "-o", str(onnx_path), "--input", "uint8-nhwc", "--nms",
+                   "--conf", "0.001", "--iou", "0.7", "--max-det", "300")
+    assert res.returncode == 0, res.stderr
+    res = run_tool("tools.trtexec_py", f"--onnx={onnx_path}", f"--saveEngine={path}", "--fp16",
+                   "--minShapes=images:1x640x640x3", "--optShapes=images:4x640x640x3",
+                   "--maxShapes=images:8x640x640x3", "--builderOptimizationLevel=0", "--skipInference")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    backend = TrtBackend(path)
+    assert backend.uint8 and backend.nhwc and backend.nms
+    backend.close()
+    e2e = evaluate(path, MINI, batch=8, workers=4)
+    raw = evaluate(engine[0], MINI, batch=8, workers=4)
+    assert e2e["images"] == raw["images"] == 32 and abs(e2e["map50_95"] - raw["map50_95"]) < 0.01, (e2e, raw)
+    res = run_tool("tools.trtexec_py", f"--loadEngine={path}", "--shapes=images:4x640x640x3", "--noDataTransfers",
+                   "--warmUp=100", "--duration=0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = tmp_path / "bench.log"
+    log.write_text(res.stdout)
+    assert parse_file(log)["throughput_qps"] > 10

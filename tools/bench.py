@@ -15,8 +15,9 @@ from tools.engine import run_logged, shape
 from tools.trtlog import parse_file, to_csv
 
 
-def bench_args(engine, batch: int, imgsz: int, cuda_graph: bool, warmup_ms: int, duration_s: float) -> list[str]:
-    args = [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz)}", "--noDataTransfers",
+def bench_args(engine, batch: int, imgsz: int, cuda_graph: bool, warmup_ms: int, duration_s: float,
+               layout: str = "nchw") -> list[str]:
+    args = [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz, layout)}", "--noDataTransfers",
             f"--warmUp={warmup_ms}", f"--duration={duration_s:g}", "--percentile=90,95,99"]
     return args + (["--useCudaGraph"] if cuda_graph else [])
 
@@ -28,12 +29,13 @@ def context_mib(log_text: str) -> float | None:
 
 
 def bench(engine, trtexec: list[str], log_prefix, batches=(1, 8, 32), imgsz=640, cuda_graphs=(False, True),
-          warmup_ms=500, duration_s=3.0) -> list[dict]:
+          warmup_ms=500, duration_s=3.0, layout: str = "nchw") -> list[dict]:
+    """`layout`: the engine's input layout (nhwc for an end-to-end engine built so, tools.engine.input_layout)."""
     rows = []
     for batch in batches:
         for graph in cuda_graphs:
             log = Path(f"{log_prefix}.bench-b{batch}{'-graph' if graph else ''}.log")
-            rc, _ = run_logged(trtexec + bench_args(engine, batch, imgsz, graph, warmup_ms, duration_s), log)
+            rc, _ = run_logged(trtexec + bench_args(engine, batch, imgsz, graph, warmup_ms, duration_s, layout), log)
             parsed = parse_file(log)
             if rc != 0 or "gpu_median_ms" not in parsed:
                 raise UserError(f"{log}: timing {engine} at batch {batch} failed (exit {rc}); read the log")
@@ -54,6 +56,7 @@ def main(argv=None):
     ap.add_argument("engine")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="the engine's input layout")
     ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
     ap.add_argument("--warmup-ms", type=int, default=500)
@@ -64,7 +67,7 @@ def main(argv=None):
     prefix = args.log_prefix or f"logs/{Path(args.engine).stem}"
     trtexec = shlex.split(args.trtexec) if args.trtexec else list(default_trtexec())
     rows = bench(args.engine, trtexec, prefix, [int(b) for b in args.batches.split(",")],
-                 args.imgsz, (False,) if args.no_graphs else (False, True), args.warmup_ms, args.duration)
+                 args.imgsz, (False,) if args.no_graphs else (False, True), args.warmup_ms, args.duration, args.layout)
     text = to_csv(rows)
     write_text(args.output, text) if args.output else print(text, end="")
 

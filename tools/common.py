@@ -133,6 +133,34 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds. Otherwise nothing is
+    left: neither the temporary folder nor the parent folders made for it."""
+    path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"{path}: cannot be written ({e.strerror}: {e.filename}); pass a writable folder") from None
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make results unreadable to other users
+    done = False
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        done = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made if not done else ():
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
 def write_json(path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -205,7 +233,11 @@ def letterbox(im, size: int = 640):
 
 def preprocess(path, size: int = 640):
     """Image file -> (uint8 CHW RGB tensor, meta) where meta maps network boxes back to the original image."""
-    im0 = read_image(path)
+    return preprocess_image(read_image(path), size)
+
+
+def preprocess_image(im0, size: int = 640):
+    """A decoded BGR image (a file's, a video frame) -> (uint8 CHW RGB tensor, meta), as `preprocess`."""
     resized = load_resized(im0, size)
     canvas, pad = letterbox(resized, size)
     chw = np.ascontiguousarray(canvas[:, :, ::-1].transpose(2, 0, 1))
@@ -279,3 +311,14 @@ def scale_boxes(det, meta):
 COCO80_TO_91 = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
                 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
                 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+
+# their names, in ultralytics' order (ultralytics/cfg/datasets/coco.yaml)
+COCO80_NAMES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+                "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+                "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+                "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+                "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+                "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+                "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+                "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+                "scissors", "teddy bear", "hair drier", "toothbrush"]

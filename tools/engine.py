@@ -46,14 +46,19 @@ def resolve_layer_precisions(recipe: Recipe, nodes) -> dict[str, str]:
     return chosen
 
 
-def shape(batch: int, imgsz: int) -> str:
-    return f"{INPUT}:{batch}x3x{imgsz}x{imgsz}"
+def input_layout(recipe: Recipe) -> str:
+    """nchw, or what an end-to-end engine (recipe key `deploy`) takes."""
+    return recipe.deploy.layout if recipe.deploy else "nchw"
 
 
-def shape_args(profile: Profile, imgsz: int) -> list[str]:
+def shape(batch: int, imgsz: int, layout: str = "nchw") -> str:
+    return f"{INPUT}:{batch}x{imgsz}x{imgsz}x3" if layout == "nhwc" else f"{INPUT}:{batch}x3x{imgsz}x{imgsz}"
+
+
+def shape_args(profile: Profile, imgsz: int, layout: str = "nchw") -> list[str]:
     """trtexec's optimization-profile flags: the engine is built for exactly these batch sizes."""
-    return [f"--minShapes={shape(profile.min, imgsz)}", f"--optShapes={shape(profile.opt, imgsz)}",
-            f"--maxShapes={shape(profile.max, imgsz)}"]
+    return [f"--minShapes={shape(profile.min, imgsz, layout)}", f"--optShapes={shape(profile.opt, imgsz, layout)}",
+            f"--maxShapes={shape(profile.max, imgsz, layout)}"]
 
 
 def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
@@ -62,7 +67,8 @@ def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, ti
     flags, the builder level and trtexec's tactic-timing average (given explicitly: see AVG_TIMING). Detailed
     profiling verbosity costs no speed and lets `make profile` read every layer's precision and tactic from the
     engine."""
-    args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}", *shape_args(recipe.profiles[profile], recipe.imgsz),
+    args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
+            *shape_args(recipe.profiles[profile], recipe.imgsz, input_layout(recipe)),
             *p.precision_flags, f"--builderOptimizationLevel={recipe.builder_optimization_level}",
             f"--avgTiming={AVG_TIMING}", "--profilingVerbosity=detailed"]
     if p.implicit_calibration:

@@ -1,7 +1,8 @@
 """COCO mAP50-95 / mAP50 of an ONNX model (ONNX Runtime) or a TensorRT engine on a folder of COCO images.
 
 Decoding and NMS follow ultralytics' validation (conf 0.001, IoU 0.7, 300 detections, multi-label, square 640
-letterbox); faster-coco-eval scores the detections: the C++ COCOeval that ultralytics 8.4 itself uses, with
+letterbox); an end-to-end engine with NMS inside (tools/deploy_graph.py) returns its own detections, which are scaled
+and scored the same way. faster-coco-eval scores the detections: the C++ COCOeval that ultralytics 8.4 uses, with
 pycocotools' numbers at a fraction of its time (a sweep scores every configuration on 900 images). The images whose
 ids are listed in `exact_ids.txt` (official annotations) are also scored on their own.
 Usage: python -m tools.evaluate models/yolo11/yolo11n.onnx --images DIR [--annotations DIR/annotations.json]
@@ -23,11 +24,45 @@ import numpy as np
 from tools.common import COCO80_TO_91, UserError, image_size, import_tensorrt, list_images, positive_int, postprocess, \
     preprocess, run_main, scale_boxes, to_input, write_json
 from tools.ultralytics_engine import engine_bytes
+from tools.deploy_graph import INPUT, NMS_OUTPUTS, PLUGIN, decode_nms, has_plugin
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backends: .infer(float32 NCHW) -> float32 [N, 4 + classes, anchors]
-class OnnxrtBackend:
+# Backends: .detect(uint8 NCHW letterboxed batch, conf, iou, max_det) -> per image (k, 6) float32 [x1, y1, x2, y2,
+# score, class] in letterbox pixels, whatever the model takes (float32 NCHW /255, or uint8 NCHW / NHWC: an end-to-end
+# graph, tools/deploy_graph.py) and returns (the raw head [N, 4 + classes, anchors], or EfficientNMS_TRT's outputs)
+class Backend:
+    def read_io(self, input_dtype, input_shape, outputs) -> None:
+        self.uint8 = np.dtype(input_dtype) == np.uint8
+        self.nhwc = input_shape[-1] == 3 and input_shape[1] != 3
+        self.outputs = list(outputs)
+        self.nms = set(NMS_OUTPUTS) <= set(self.outputs)
+
+    def feed(self, batch_u8: np.ndarray) -> np.ndarray:
+        if not self.uint8:
+            return to_input(batch_u8)
+        return np.ascontiguousarray(batch_u8.transpose(0, 2, 3, 1)) if self.nhwc else batch_u8
+
+    def infer(self, x) -> np.ndarray:
+        """The raw head for the model's own input (float32 NCHW for a raw model)."""
+        return self.run(x)[self.outputs[0]]
+
+    def detect(self, batch_u8, conf=0.001, iou=0.7, max_det=300, imap=map) -> list[np.ndarray]:
+        out = self.run(self.feed(batch_u8))
+        if self.nms:  # NMS ran in the engine at its own thresholds: keep what passes these too
+            return [d[d[:, 4] > conf][:max_det] for d in decode_nms(*(out[n] for n in NMS_OUTPUTS))]
+        raw = out[self.outputs[0]]
+        # only anchors with some class above `conf` can yield a detection: drop the rest here, vectorised, so the
+        # NMS workers get a fraction of the 84 x 8400 floats per image (same detections, same order)
+        live = raw[:, 4:].max(axis=1) > conf
+        return list(imap(_nms, [(raw[i][:, live[i]], conf, iou, max_det) for i in range(len(raw))]))
+
+
+def _nms(args):
+    return postprocess(*args)
+
+
+class OnnxrtBackend(Backend):
     def __init__(self, onnx_path, threads: int | None = None):
         import onnxruntime as ort
 
@@ -38,16 +73,19 @@ class OnnxrtBackend:
         wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if os.path.exists("/dev/nvidiactl") else \
             ("CPUExecutionProvider",)
         providers = [p for p in wanted if p in ort.get_available_providers()]
+        model = onnxruntime_model(onnx_path)
         try:
-            self.session = ort.InferenceSession(onnxruntime_model(onnx_path), opts, providers=providers)
+            self.session = ort.InferenceSession(model, opts, providers=providers)
         except Exception as e:  # ORT raises its own InvalidGraph/Fail/NoSuchFile types
             raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({onnxruntime_reason(e)})") from None
         check_detector(onnx_path, self.session)
-        self.input = self.session.get_inputs()[0].name
+        self.input = self.session.get_inputs()[0]
+        self.read_io(np.uint8 if self.input.type == "tensor(uint8)" else np.float32, self.input.shape,
+                     [o.name for o in self.session.get_outputs()])
         self.name = f"onnxruntime {ort.__version__} ({self.session.get_providers()[0]})"
 
-    def infer(self, x):
-        return self.session.run(None, {self.input: x})[0]
+    def run(self, x) -> dict:
+        return dict(zip(self.outputs, self.session.run(None, {self.input.name: x})))
 
 
 def onnxruntime_reason(error: Exception) -> str:
@@ -69,6 +107,9 @@ def onnxruntime_model(onnx_path) -> bytes | str:
         model = onnx.load(str(onnx_path))
     except Exception:  # noqa: BLE001 - ONNX Runtime names what is wrong with the file
         return str(onnx_path)
+    if has_plugin(model):
+        raise UserError(f"{onnx_path}: has NMS inside (TensorRT's {PLUGIN} plugin), which ONNX Runtime cannot run; "
+                        f"build an engine from it (make engine) or use the model without deploy.nms")
     fixed = for_onnxruntime(model)
     return str(onnx_path) if fixed is model else fixed.SerializeToString()
 
@@ -82,30 +123,35 @@ def check_detector(onnx_path, session) -> None:
                         f"[N,3,H,W] -> [N,{rows},anchors]; pass a YOLO11 detection ONNX exported without NMS")
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     def __init__(self, engine_path):
         if not Path(engine_path).is_file():
             raise UserError(f"{engine_path}: no such engine; build it first (make engine)")
         trt = import_tensorrt(f"scoring {engine_path}")
         from polygraphy.backend.trt import TrtRunner
 
-        runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+        logger = trt.Logger(trt.Logger.ERROR)
+        trt.init_libnvinfer_plugins(logger, "")  # an end-to-end engine holds EfficientNMS_TRT
+        runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(engine_bytes(engine_path))
         if engine is None:
             raise UserError(f"{engine_path}: TensorRT {trt.__version__} cannot load it (another TensorRT version or "
                             f"GPU built it); rebuild it with make engine")
-        batch = tuple(engine.get_tensor_shape("images"))[0]
-        self.static_batch = batch if batch > 0 else None
+        shape = tuple(engine.get_tensor_shape(INPUT))
+        self.static_batch = shape[0] if shape[0] > 0 else None
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.read_io(trt.nptype(engine.get_tensor_dtype(INPUT)), shape,
+                     [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT])
         self.runner = TrtRunner(engine)
         self.runner.activate()
         self.name = f"TensorRT {trt.__version__}"
 
-    def infer(self, x):
+    def run(self, x) -> dict:
         n = len(x)
         if self.static_batch and n < self.static_batch:  # a static engine takes its batch only: pad the last chunk
             x = np.concatenate([x, np.zeros((self.static_batch - n, *x.shape[1:]), x.dtype)])
-        out = self.runner.infer({"images": x}, copy_outputs_to_host=True)
-        return np.asarray(next(iter(out.values())))[:n]
+        out = self.runner.infer({INPUT: x}, copy_outputs_to_host=True)
+        return {name: np.asarray(v)[:n] for name, v in out.items()}
 
     def close(self):
         self.runner.deactivate()
@@ -166,9 +212,9 @@ def _preprocess(args):
     return chw, meta
 
 
-def _detections(args):
-    pred, meta, image_id, conf, iou, max_det = args
-    det = scale_boxes(postprocess(pred, conf, iou, max_det), meta)
+def coco_results(det, meta, image_id: int) -> list[dict]:
+    """One image's detections in letterbox pixels -> COCO results (original pixels, top-left xywh, COCO ids)."""
+    det = scale_boxes(det, meta)
     return [{"image_id": image_id, "category_id": COCO80_TO_91[int(c)],
              "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2 - x1), 3), round(float(y2 - y1), 3)],
              "score": round(float(s), 5)} for x1, y1, x2, y2, s, c in det]
@@ -189,13 +235,9 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
             todo = [p for p in chunk if (p, imgsz) not in cache]
             cache.update(zip([(p, imgsz) for p in todo], imap(_preprocess, [(p, imgsz) for p in todo])))
             pre = [cache[(p, imgsz)] for p in chunk]
-            raw = backend.infer(to_input(np.stack([c for c, _ in pre])))
-            # only anchors with some class above `conf` can yield a detection: drop the rest here, vectorised, so the
-            # NMS workers get a fraction of the 84 x 8400 floats per image (same detections, same order)
-            live = raw[:, 4:].max(axis=1) > conf
-            jobs = [(raw[i][:, live[i]], pre[i][1], int(p.stem), conf, iou, max_det) for i, p in enumerate(chunk)]
-            for dets in imap(_detections, jobs):
-                results += dets
+            dets = backend.detect(np.stack([c for c, _ in pre]), conf, iou, max_det, imap)
+            for det, (_, meta), p in zip(dets, pre, chunk):
+                results += coco_results(det, meta, int(p.stem))
             bar.update(len(chunk))
     return results
 

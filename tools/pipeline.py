@@ -165,6 +165,16 @@ class Point:
         return self.model_onnx
 
     @cached_property
+    def engine_onnx(self) -> Path:
+        """What the engine is built from: `onnx`, or (recipe key `deploy`) its end-to-end graph, made from the Q/DQ
+        model after quantization so that its scales are the raw recipe's (tools/deploy_graph.py says why)."""
+        if self.recipe.deploy is None:
+            return self.onnx
+        from tools.deploy_graph import build
+
+        return build(self.onnx, self.recipe.deploy, self.layout)
+
+    @cached_property
     def gpu(self) -> str:
         return gpu_name()
 
@@ -177,7 +187,7 @@ class Point:
 
     @cached_property
     def engine_key(self) -> str:
-        return digest({"settings": self.recipe.engine_settings(self.profile), "onnx": file_digest(self.onnx),
+        return digest({"settings": self.recipe.engine_settings(self.profile), "onnx": file_digest(self.engine_onnx),
                        "trt": self.setup.version(), "gpu": self.gpu, "avg_timing": AVG_TIMING,
                        "implicit_calibration": self.implicit_cache.name if self.implicit_cache else None})
 
@@ -213,7 +223,7 @@ class Point:
                 "level": r.builder_optimization_level, "recipe": to_dict(r), "trt_version": self.setup.version(),
                 "gpu": self.gpu, "plan": {"onnx_kind": self.plan.onnx_kind, "flags": list(self.plan.precision_flags),
                                           "notes": list(self.plan.notes)},
-                "onnx": self.layout.rel(self.onnx), "onnx_sha256": file_digest(self.onnx),
+                "onnx": self.layout.rel(self.engine_onnx), "onnx_sha256": file_digest(self.engine_onnx),
                 "eval": {"dir": str(self.setup.eval_dir), "limit": self.setup.eval_limit, **self.eval},
                 "quantization": read_json(qjson, "quantization record") if self.plan.onnx_kind == "qdq" and
                 qjson.is_file() else None}
@@ -331,7 +341,7 @@ def engine_run(point: Point) -> None:
         cache = layout.engines / f"timing-{cache_key}.cache"
     calib_cache = implicit_calibration(point) if point.plan.implicit_calibration else None
     if not point.engine_path.is_file():
-        build(r, point.profile, point.plan, list(setup.trtexec), point.onnx, point.engine_path, log, cache,
+        build(r, point.profile, point.plan, list(setup.trtexec), point.engine_onnx, point.engine_path, log, cache,
               calib_cache)
     parsed = parse_file(log)
     point.record.data["build"] = {"engine": layout.rel(point.engine_path), "log": layout.rel(log),
@@ -373,6 +383,7 @@ def bench_run(point: Point) -> None:
     """Time the engine at its profile's batches; rows of another timing protocol are replaced, so a record's
     timings always share one protocol."""
     from tools.bench import bench
+    from tools.engine import input_layout
 
     setup, layout = point.setup, point.layout
     engine = layout.resolve(point.record.data["build"]["engine"])
@@ -381,7 +392,7 @@ def bench_run(point: Point) -> None:
     rows = [b for b in point.record.data.get("bench", []) if {k: b.get(k) for k in want} == want]
     for batch, graph in missing_timings(point):
         new = bench(engine, list(setup.trtexec), prefix, [batch], point.recipe.imgsz, (graph,), setup.warmup_ms,
-                    setup.duration_s)
+                    setup.duration_s, input_layout(point.recipe))
         rows += [{**row, **want, "gpu_index": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
                   "log": layout.rel(row["log"])} for row in new]
     point.record.data["bench"] = sorted(rows, key=lambda r: (r["batch"], r["cuda_graph"]))
@@ -398,6 +409,9 @@ def accuracy_run(point: Point) -> None:
         acc = evaluate(engine, setup.eval_dir, batch=min(32, profile.max), imgsz=point.recipe.imgsz,
                        limit=setup.eval_limit, prep_cache=setup.prep_cache)
         rec["accuracy"] = {k: acc[k] for k in ("images", "map50_95", "map50", "exact", "halves") if k in acc}
+    if setup.compare_images and "compare" not in rec and point.recipe.deploy is not None:
+        # Polygraphy compares the raw head on float inputs; the mAP above is this engine's comparison
+        rec["compare"] = {"skipped": "end-to-end engine (recipe key deploy): uint8 input and its own outputs"}
     if setup.compare_images and "compare" not in rec:
         work = layout.logs / "compare"
         rec["compare"] = compare(engine, point.model_onnx, setup.eval_dir, work, setup.compare_images,
@@ -411,12 +425,14 @@ def accuracy_done(point: Point) -> bool:
 
 
 def layers_run(point: Point) -> None:
+    from tools.engine import input_layout
     from tools.profile import profile_engine
 
     layout, rec = point.layout, point.record.data
     profile = point.recipe.profiles[point.profile]
     found = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
-                           layout.logs / point.engine_stem, profile.max, point.recipe.imgsz)
+                           layout.logs / point.engine_stem, profile.max, point.recipe.imgsz,
+                           input_layout(point.recipe))
     rec["layers"] = {k: layout.rel(v) if k in LOG_KEYS else v for k, v in found.items()}
 
 

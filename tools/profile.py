@@ -610,13 +610,13 @@ def report(pairs: list[tuple[str, str, str]], out_dir, e2e_ms: dict | None = Non
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring (needs TensorRT and a GPU: NVIDIA's trtexec or tools.trtexec_py, which take the same flags)
-def profile_args(engine, batch: int, imgsz: int, layers_json, profile_json) -> list[str]:
+def profile_args(engine, batch: int, imgsz: int, layers_json, profile_json, layout: str = "nchw") -> list[str]:
     """trtexec flags: unprofiled timing runs (their median is the end-to-end time), then a profiled run of its own."""
-    return [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz)}", "--noDataTransfers", "--separateProfileRun",
+    return [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz, layout)}", "--noDataTransfers", "--separateProfileRun",
             "--dumpProfile", f"--exportProfile={profile_json}", f"--exportLayerInfo={layers_json}"]
 
 
-def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int) -> dict:
+def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int, layout: str = "nchw") -> dict:
     """Profile `engine` (built with --profilingVerbosity=detailed) at one batch size: writes
     <log_prefix>.profile-b<batch>.{log,layers.json,profile.json,layers.csv}; returns a small record for the
     engine's results (paths, sum of layer medians and end-to-end median, ms by kind and precision, reformats)."""
@@ -625,7 +625,7 @@ def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: in
                                                                            ".layers.csv"))
     for p in (layers_json, profile_json):
         p.unlink(missing_ok=True)  # a failed run must not leave an earlier engine's export to be read as this one's
-    rc, _ = run_logged(trtexec + profile_args(engine, batch, imgsz, layers_json, profile_json), log)
+    rc, _ = run_logged(trtexec + profile_args(engine, batch, imgsz, layers_json, profile_json, layout), log)
     if rc != 0 or not (layers_json.is_file() and profile_json.is_file()):
         raise UserError(f"{log}: profiling {engine} at batch {batch} failed (exit {rc}); read the log")
     rows = load(layers_json, profile_json)

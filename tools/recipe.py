@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 
 from tools.common import REPO, UserError
 from tools.qdq_rules import REWRITES
@@ -97,6 +97,25 @@ class Profile(Frozen):
         return f"static batch {self.min}" if self.static else f"dynamic batch {self.min}-{self.max} (opt {self.opt})"
 
 
+class Nms(Frozen):
+    """NMS inside the engine (TensorRT's EfficientNMS_TRT plugin). The defaults are ultralytics val's thresholds, so
+    the engine is scored like the raw one; a deployment raises `conf` (ultralytics predict: 0.25)."""
+    conf: Annotated[float, Field(ge=0, lt=1)] = 0.001
+    iou: Annotated[float, Field(gt=0, le=1)] = 0.7
+    max_det: Annotated[StrictInt, Field(ge=1, le=4096)] = 300  # the plugin sorts at most 4096 candidates
+
+
+class Deploy(Frozen):
+    """The end-to-end engine (tools/deploy_graph.py): it takes the letterboxed image as a camera gives it (uint8 RGB,
+    NHWC or NCHW) and does the cast, /255 and layout change itself; with `nms`, it returns the detections."""
+    input: Literal["uint8-nhwc", "uint8-nchw"] = "uint8-nhwc"
+    nms: Nms | None = None
+
+    @property
+    def layout(self) -> str:
+        return self.input.split("-")[1]
+
+
 class Recipe(Frozen):
     # --- identity (not hashed: the model's bytes are, see tools.records) -------------------------------------
     name: Annotated[StrictStr, Field(pattern=NAME)]
@@ -130,6 +149,8 @@ class Recipe(Frozen):
     layer_precisions: tuple[LayerPrecision, ...] = shaped("engine", default=())
     builder_optimization_level: Annotated[StrictInt, Field(ge=0, le=5)] = shaped("engine", default=3)
     timing_cache: StrictBool = shaped("engine", default=True)
+    # end-to-end engine: uint8 input, optionally NMS inside (None: the raw head on float input, as before)
+    deploy: Deploy | None = shaped("engine", omit_default=True, default=None)
     # --- deployment profiles: one engine each (part of each engine's own key, see engine_settings) --------------
     profiles: dict[Annotated[StrictStr, Field(pattern=NAME)], Profile] = \
         Field(default_factory=lambda: {"b1": Profile(min=1, opt=1, max=1), "b32": Profile(min=32, opt=32, max=32)},
@@ -147,6 +168,14 @@ class Recipe(Frozen):
     @property
     def calibrated(self) -> bool:
         return self.precision in CALIBRATED
+
+    @field_validator("deploy")
+    @classmethod
+    def _deployable(cls, deploy, info):
+        if deploy is not None and info.data.get("precision") == "int8-implicit":
+            raise ValueError("deploy needs precision fp16 or int8-qdq: the end-to-end graph renames the float input "
+                             "whose scale an implicit-INT8 calibration cache holds")
+        return deploy
 
     def settings(self, upto: str = "engine") -> dict:
         """The fields that shape the artifacts of stage `upto` and every earlier stage, for this precision, as
@@ -198,6 +227,7 @@ HINTS = {
     "profiles": "a mapping of names to {batch: N} or {min: A, opt: B, max: C, bench: [..]}",
     "layer_precisions": "a list of {match: regex, precision: fp16|fp32, op_type: Conv}",
     "imgsz": "a multiple of 32, e.g. 640",
+    "deploy": "{input: uint8-nhwc | uint8-nchw, nms: {conf: 0.001, iou: 0.7, max_det: 300} or null}",
 }
 
 

@@ -78,6 +78,15 @@ class Layout:
     def quant(self) -> Path:
         return self.root / "models" / self.model / "quant"
 
+    def deploy_onnx(self, source, key: str) -> Path:
+        """The end-to-end graph (tools/deploy_graph.py) of the ONNX `source`, named by `key` (source bytes and deploy
+        settings)."""
+        return self.root / "models" / self.model / "deploy" / f"{Path(source).stem}.e2e-{key}.onnx"
+
+    def predict(self, recipe: str) -> Path:
+        """Where `make predict` writes one recipe's annotated images or video and their detections."""
+        return self.out / "predict" / recipe
+
     @property
     def engines(self) -> Path:
         return self.root / "engines" / self.model

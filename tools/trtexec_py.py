@@ -88,6 +88,9 @@ class Fallback:
         self.out = out or (lambda line: print(line, flush=True))
         self.logger = logger or trt.Logger(trt.Logger.VERBOSE if opts.get("verbose") else trt.Logger.WARNING)
         self.builder, self.caches = builder, caches
+        # TensorRT's own plugins (EfficientNMS_TRT of an end-to-end engine), as trtexec loads them: the ONNX parser
+        # finds a plugin by op type, and an engine holding one deserializes only once they are registered
+        trt.init_libnvinfer_plugins(self.logger, "")
 
     def log(self, line: str):
         self.out(line)
@@ -218,8 +221,7 @@ class Fallback:
             shape = tuple(context.get_tensor_shape(name))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             buffers[name] = cuda.DeviceArray(shape=shape, dtype=dtype)
-            hosts[name] = np.random.default_rng(0).random(shape).astype(dtype) if name in inputs else \
-                np.empty(shape, dtype)
+            hosts[name] = random_input(shape, dtype) if name in inputs else np.empty(shape, dtype)
             context.set_tensor_address(name, buffers[name].ptr)
         stream = cuda.Stream()
         for name in inputs:
@@ -343,6 +345,14 @@ class Fallback:
             with atomic_path(o["exportProfile"]) as tmp:
                 tmp.write_text(json.dumps(records, indent=1) + "\n")
             self.log(f"[I] Profile written to {o['exportProfile']}")
+
+
+def random_input(shape, dtype: np.dtype) -> np.ndarray:
+    """Inputs in the range the engine takes: [0, 1) floats, or pixels 0..255 for an end-to-end engine's uint8."""
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, 256, shape).astype(dtype)
+    return rng.random(shape).astype(dtype)
 
 
 def check(status: int, what: str):
