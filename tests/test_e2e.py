@@ -5,8 +5,7 @@ import pytest
 from conftest import MINI, MODEL, run_tool
 
 from tools.common import list_images, postprocess, preprocess, read_image, to_input
-from tools.e2e import Thresholds, engine_input, letterbox_frame, markdown, nms_detections, raw_detections, \
-    speedups, summarise
+from tools.e2e import Thresholds, engine_input, letterbox_frame, markdown, raw_detections, speedups, summarise
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +39,6 @@ def test_cpu_nms_matches_the_evaluator_on_real_outputs(frames):
     for i in range(len(files)):
         want = postprocess(raw[i], 0.001, 0.7, 300)
         assert len(want) > 0 and np.array_equal(got[i], want)
-
-
-def test_nms_outputs_read_up_to_num_dets():
-    num = np.array([[2], [0]], np.int32)
-    boxes = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4)
-    scores = np.linspace(1, 0, 10, dtype=np.float32).reshape(2, 5)
-    classes = np.array([[3, 7, 0, 0, 0], [1, 1, 1, 1, 1]], np.int32)
-    dets = nms_detections(num, boxes, scores, classes)
-    assert [d.shape for d in dets] == [(2, 6), (0, 6)]
-    assert np.array_equal(dets[0][:, :4], boxes[0, :2]) and list(dets[0][:, 5]) == [3, 7]
 
 
 def row(name, precision, profile, kind, total, infer, loop, resident):

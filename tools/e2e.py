@@ -32,10 +32,10 @@ import numpy as np
 
 from tools.common import UserError, import_tensorrt, letterbox, list_images, load_resized, positive_int, \
     positive_number, postprocess, read_image, run_main, write_json
+from tools.deploy_graph import NMS_OUTPUTS, decode_nms
 from tools.records import now_utc
 
 STAGES = ("letterbox", "normalise", "h2d", "infer", "d2h", "nms")
-NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -74,16 +74,6 @@ def raw_detections(raw: np.ndarray, t: Thresholds) -> list[np.ndarray]:
     """The raw head [N, 4 + classes, anchors] -> per image detections, as tools.evaluate.predict decodes them."""
     live = raw[:, 4:].max(axis=1) > t.conf
     return [postprocess(raw[i][:, live[i]], t.conf, t.iou, t.max_det) for i in range(len(raw))]
-
-
-def nms_detections(num, boxes, scores, classes) -> list[np.ndarray]:
-    """EfficientNMS outputs -> per image detections [k, 6] (x1, y1, x2, y2, score, class): the first num_dets rows."""
-    out = []
-    for i in range(len(num)):
-        k = int(num[i].reshape(-1)[0])
-        out.append(np.concatenate([boxes[i, :k].astype(np.float32), scores[i, :k, None].astype(np.float32),
-                                   classes[i, :k, None].astype(np.float32)], axis=1))
-    return out
 
 
 def summarise(samples: dict[str, list[float]], batch: int) -> dict:
@@ -253,7 +243,7 @@ class Lane:
 
     def detections(self, t: Thresholds) -> list[np.ndarray]:
         if self.nms_inside:
-            return nms_detections(*(self.host[n] for n in NMS_OUTPUTS))
+            return decode_nms(*(self.host[n] for n in NMS_OUTPUTS))
         return raw_detections(self.host[self.outputs[0]], t)
 
 
@@ -404,15 +394,13 @@ def measure(recipes, setup, frames_count: int = 64, streams: int = 2, warmup_s: 
                                 f"static engines ({{batch: N}}), one batch each")
             env = env or {"gpu": rec["gpu"], "trt_version": rec["trt_version"], "host_cpus": os.cpu_count(),
                           "host": platform.node()}
-            t = thresholds
-            nms = (recipe.model_dump().get("deploy") or {}).get("nms") if hasattr(recipe, "model_dump") else None
-            if nms:
-                t = Thresholds(nms["conf"], nms["iou"], nms["max_det"])
+            nms = recipe.deploy.nms if recipe.deploy else None
+            t = Thresholds(nms.conf, nms.iou, nms.max_det) if nms else thresholds
             print(f"  {recipe.name} [{profile}]: timing end to end at batch {p.max}", flush=True)
             row = measure_engine(point.engine_path, p.max, frames, recipe.imgsz, t, streams, warmup_s, duration_s)
             rows.append({"name": recipe.name, "precision": recipe.precision, "profile": profile, "batch": p.max,
                          "level": recipe.builder_optimization_level,
-                         "kind": "end-to-end" if row["input"].startswith("uint8") or row["nms"] == "engine" else "raw",
+                         "kind": "end-to-end" if recipe.deploy else "raw",
                          "engine_key": rec["engine_key"], "conf": t.conf, "iou": t.iou, "max_det": t.max_det, **row})
     if not rows:
         raise UserError("e2e: no engine to time; pass recipes with deployment profiles")
