@@ -1,5 +1,6 @@
 """GPU tests (TensorRT + NVIDIA GPU): the trtexec fallback builds and times a real engine, the engine's mAP tracks
-ONNX Runtime, Polygraphy's comparison passes, and a foreign engine is refused with one line. Skipped elsewhere."""
+ONNX Runtime, Polygraphy's comparison passes, the ultralytics copy runs as the engine does, and a foreign engine is
+refused with one line. Skipped elsewhere."""
 import sys
 
 import pytest
@@ -58,6 +59,31 @@ def test_polygraphy_comparison_passes(engine, tmp_path):
     path, _ = engine
     res = compare(path, MODEL, MINI, tmp_path, count=2, polygraphy=[sys.executable, "-m", "tools.polygraphy_cli"])
     assert res["passed"] and res["min_required_atol"] < 0.5 and res["abs_err_mean"] < 0.05
+
+
+def test_ultralytics_copy_runs_as_the_engine_does(engine, tmp_path):
+    """The drop-in copy (tools.ultralytics_engine): our readers run it behind its header and give the plain engine's
+    outputs; its input keeps the ONNX's dynamic dims, which is why ultralytics needs rect=False (README)."""
+    import numpy as np
+    import tensorrt as trt
+
+    from tools.evaluate import TrtBackend
+    from tools.ultralytics_engine import metadata, read, write
+
+    path, _ = engine
+    copy = write(path, metadata(MODEL, 8, True, 640, 16), tmp_path / "fp16.ultralytics.engine")
+    res = run_tool("tools.trtexec_py", f"--loadEngine={copy}", "--shapes=images:4x3x640x640", "--warmUp=100",
+                   "--duration=0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    x = np.random.default_rng(0).random((4, 3, 640, 640), dtype=np.float32)
+    outs = []
+    for p in (path, copy):
+        backend = TrtBackend(p)
+        outs.append(backend.infer(x))
+        backend.close()
+    assert outs[0].shape == (4, 84, 8400) and np.allclose(outs[0], outs[1], atol=1e-3)
+    loaded = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(read(copy)[1])
+    assert tuple(loaded.get_tensor_shape("images")) == (-1, 3, -1, -1)
 
 
 def test_foreign_engine_is_refused(tmp_path):
