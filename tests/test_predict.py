@@ -116,3 +116,12 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path, images):
     assert run_tool("tools.predict", str(tmp_path / "fake.jpg"), FP16, "--results", str(tmp_path)).returncode == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["fp16"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("knob,flag", [("SOURCE=clip.mp4", 'tools.predict "clip.mp4"'), ("CONF=0.5", "--conf 0.5"),
+                                       ("IOU=0.6", "--iou 0.6"), ("MODEL_FILE=e.engine", '--model "e.engine"'),
+                                       ("RECIPE=recipes/yolo11n/fp16-e2e.yaml", "recipes/yolo11n/fp16-e2e.yaml")])
+def test_predict_knobs_reach_the_tool(knob, flag):
+    res = subprocess.run(["make", "-s", "-n", f"PY={sys.executable}", "predict", knob], cwd=REPO, capture_output=True,
+                         text=True)
+    assert flag in res.stdout, res.stdout + res.stderr

@@ -99,16 +99,16 @@ def annotate(image: np.ndarray, dets: list[dict]) -> np.ndarray:
 
     out = image.copy()
     scale = max(0.4, min(out.shape[:2]) / 1000)
-    thick = max(1, round(2 * scale))
+    thick = max(2, round(3 * scale))
     for d in dets:
         x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
         c = color(d["class_id"])
         cv2.rectangle(out, (x1, y1), (x2, y2), c, thick)
         label = f"{d['class_name']} {d['score']:.2f}"
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thick - 1)
         top = max(y1, th + base)
         cv2.rectangle(out, (x1, top - th - base), (x1 + tw, top), c, -1)
-        cv2.putText(out, label, (x1, top - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        cv2.putText(out, label, (x1, top - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick - 1, cv2.LINE_AA)
     return out
 
 
