@@ -305,6 +305,8 @@ def test_make_ultralytics_writes_the_copy_beside_the_recorded_engine(tmp_path):
     assert payload == PAYLOAD == engine.read_bytes() and meta["batch"] == 32 and meta["args"]["quantize"] == 8
     with pytest.raises(UserError, match=r"no engine of recipe 'int8-qdq' \[b1\].*make engine RECIPE="):
         from_records(RECIPE, results, ["b1"], root)
+    with pytest.raises(UserError, match=r"int8-dfl-mse-e2e.yaml: an end-to-end recipe.*int8-dfl-mse.yaml"):
+        from_records(REPO / "recipes/yolo11n/int8-dfl-mse-e2e.yaml", results, ["b1"], root)
 
 
 def test_make_ultralytics_passes_its_knobs():

@@ -145,6 +145,10 @@ def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
     from tools.recipe import from_dict, load
 
     recipe = load(recipe_path)
+    if recipe.deploy is not None:
+        raise UserError(f"{recipe_path}: an end-to-end recipe (deploy: uint8 pixels in{', NMS inside' if recipe.deploy.nms else ''}); "
+                        f"ultralytics feeds float32 NCHW and decodes the raw head itself: use the recipe without "
+                        f"`deploy` (e.g. {recipe.name.removesuffix('-e2e')}.yaml)")
     layout = Layout(recipe.model, root, Path(results).resolve())
     found = newest_per((r for r in read_records(layout.points) if "build" in r), engine_id)
     written = []
