@@ -222,3 +222,31 @@ def test_deploy_key_is_validated_in_one_line(tmp_path):
     assert res.returncode == 2 and "key `deploy.input`" in res.stderr and "uint8-nhwc | uint8-nchw" in res.stderr
     with pytest.raises(UserError, match="deploy needs precision fp16 or int8-qdq"):
         load(REPO / "recipes/yolo11n/int8-implicit.yaml").replace(deploy={})
+
+
+def test_an_nms_engine_builds_without_library_tactics_on_tensorrt_8():
+    """TensorRT 8.6 hands plugins cuBLAS/cuDNN handles (the devkit's stand-in libraries then refuse the build):
+    an engine with EfficientNMS inside turns those tactic sources off there, and the fallback maps the flag onto the
+    builder's bit mask as trtexec does."""
+    from types import SimpleNamespace
+
+    from tools.common import UserError
+    from tools.engine import NO_LIBRARY_TACTICS, build_args
+    from tools.trt_plan import plan
+    from tools.trtexec_py import parse_flags, tactic_mask
+
+    r = load(E2E)
+    flag = f"--tacticSources={NO_LIBRARY_TACTICS}"
+    assert flag in build_args(r, "b1", plan(r, "8.6.1"), "m.onnx", "e.engine")
+    assert flag not in build_args(r, "b1", plan(r, "10.13"), "m.onnx", "e.engine")
+    assert flag not in build_args(load(FP16), "b1", plan(load(FP16), "8.6.1"), "m.onnx", "e.engine")
+    folded = r.replace(deploy={"input": "uint8-nhwc"})  # the fold alone has no plugin
+    assert flag not in build_args(folded, "b1", plan(folded, "8.6.1"), "m.onnx", "e.engine")
+    assert parse_flags(["--onnx=m.onnx", flag])["tacticSources"] == NO_LIBRARY_TACTICS
+    fake = SimpleNamespace(TacticSource=SimpleNamespace(CUBLAS=0, CUBLAS_LT=1, CUDNN=2, EDGE_MASK_CONVOLUTIONS=3))
+    assert tactic_mask(fake, 0b1111, NO_LIBRARY_TACTICS) == 0b1000
+    assert tactic_mask(fake, 0b1000, "+CUDNN") == 0b1100
+    with pytest.raises(UserError, match="--tacticSources item 'CUDNN'.*CUBLAS"):
+        tactic_mask(fake, 0, "CUDNN")
+    with pytest.raises(UserError, match="item '-FOO'"):
+        tactic_mask(fake, 0, "-FOO")

@@ -204,10 +204,15 @@ class Cuda:
 
 
 class Lane:
-    """One execution context with its stream and buffers, at one batch: a worker of the loop."""
+    """One engine instance with its execution context, stream and buffers, at one batch: a worker of the loop. Each
+    lane deserializes the engine again, as trtexec --streams does: an optimization profile (every engine of ours has
+    one) serves one execution context at a time."""
 
-    def __init__(self, engine, trt, cuda: Cuda, batch: int):
-        self.cuda, self.context = cuda, engine.create_execution_context()
+    def __init__(self, plan: bytes, runtime, trt, cuda: Cuda, batch: int, source):
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise UserError(f"{source}: TensorRT {trt.__version__} cannot load it; rebuild it with make engine")
+        self.engine, self.cuda, self.context = engine, cuda, engine.create_execution_context()
         self.stream = cuda.stream()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -348,13 +353,12 @@ def measure_engine(engine_path, batch: int, frames, imgsz: int, t: Thresholds, s
     from tools.ultralytics_engine import engine_bytes
 
     trt = import_tensorrt(f"timing {engine_path} end to end")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-    engine = runtime.deserialize_cuda_engine(engine_bytes(engine_path))
-    if engine is None:
-        raise UserError(f"{engine_path}: TensorRT {trt.__version__} cannot load it; rebuild it with make engine")
+    logger = trt.Logger(trt.Logger.ERROR)
+    trt.init_libnvinfer_plugins(logger, "")  # an end-to-end engine holds EfficientNMS_TRT
+    runtime, plan = trt.Runtime(logger), engine_bytes(engine_path)
     cuda, lanes = Cuda(), []
     try:
-        lanes += [Lane(engine, trt, cuda, batch) for _ in range(streams)]
+        lanes += [Lane(plan, runtime, trt, cuda, batch, engine_path) for _ in range(streams)]
         samples = time_stages(lanes[0], frames, batch, imgsz, t, warmup_s, duration_s)
         row = summarise(samples, batch)
         row["loop_ips"] = round(loop_ips(lanes, frames, batch, imgsz, t, warmup_s, duration_s, False), 1)

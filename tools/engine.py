@@ -20,6 +20,7 @@ from tools.trt_plan import Plan, detect_version, plan
 from tools.trtexec_py import AVG_TIMING
 
 INPUT = "images"
+NO_LIBRARY_TACTICS = "-CUBLAS,-CUBLAS_LT,-CUDNN"
 
 
 def onnx_nodes(onnx_path) -> list[tuple[str, str]]:
@@ -78,6 +79,11 @@ def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, ti
     if layer_precisions and p.layer_precisions:
         spec = ",".join(f"{name}:{prec}" for name, prec in layer_precisions.items())
         args += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
+    if recipe.deploy and recipe.deploy.nms and p.trt_major < 10:
+        # TensorRT 8.6 gives every plugin cuBLAS and cuDNN handles while those tactic sources are on, loading both
+        # libraries (the devkit's stand-ins refuse the build: "SymbolAddress for cublasGetProperty"); EfficientNMS
+        # uses neither, no layer of ours is timed with them, and TensorRT 10 turns them off by default
+        args.append(f"--tacticSources={NO_LIBRARY_TACTICS}")
     if timing_cache:
         args.append(f"--timingCacheFile={timing_cache}")
     args.append("--skipInference")

@@ -21,7 +21,8 @@ from tools.ultralytics_engine import engine_bytes
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
-                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming"}
+                    "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming",
+                    "tacticSources"}
 # Kernel selection averages this many runs of each tactic: trtexec's --avgTiming default. The builder API's own default
 # is 1, and one timing of a few-microsecond batch-1 kernel on a busy host can rank tactics wrongly (README, "Batch 1 is
 # fixed": int8-qdq's batch-1 engine ran slower than FP16 with 1, faster with 8); tools.engine passes it explicitly.
@@ -121,6 +122,8 @@ class Fallback:
         if "builderOptimizationLevel" in o:
             config.builder_optimization_level = int(o["builderOptimizationLevel"])
         config.avg_timing_iterations = int(o.get("avgTiming", AVG_TIMING))
+        if "tacticSources" in o:
+            config.set_tactic_sources(tactic_mask(trt, config.get_tactic_sources(), o["tacticSources"]))
         profile = self._profile(builder, network)
         if profile is not None:
             config.add_optimization_profile(profile)
@@ -345,6 +348,20 @@ class Fallback:
             with atomic_path(o["exportProfile"]) as tmp:
                 tmp.write_text(json.dumps(records, indent=1) + "\n")
             self.log(f"[I] Profile written to {o['exportProfile']}")
+
+
+def tactic_mask(trt, mask: int, spec: str) -> int:
+    """trtexec's --tacticSources=-CUBLAS,+CUDNN,...: the builder's tactic-source bit mask with those turned off (-) or
+    on (+)."""
+    for item in spec.split(","):
+        name = item.lstrip("+-").upper()
+        source = getattr(trt.TacticSource, name, None)
+        if not item[:1] in ("+", "-") or source is None:
+            raise UserError(f"trtexec_py: --tacticSources item {item!r}; write +NAME or -NAME with NAME one of "
+                            f"{', '.join(n for n in dir(trt.TacticSource) if n.isupper())}")
+        bit = 1 << int(source)
+        mask = mask & ~bit if item[0] == "-" else mask | bit
+    return mask
 
 
 def random_input(shape, dtype: np.dtype) -> np.ndarray:
