@@ -131,5 +131,5 @@ sizes: $(ENV)  ## RESULTS/sizes.{md,csv}: INT8 over FP16 speed-up by model size,
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests
 
-clean: $(ENV)  ## remove what runs made for MODEL (engines, logs, generated models and calibration, RESULTS/MODEL); keeps every other file
+clean: $(ENV)  ## remove the files runs wrote for MODEL (build products, RESULTS/MODEL); keeps every other file
 	$(PY) -m tools.records clean --model $(MODEL) --results "$(RESULTS)"

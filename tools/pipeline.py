@@ -478,7 +478,7 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
     recipe = setup.adapt(recipe)
     cpu = Point(recipe, setup)
     cpu.model_onnx  # the model is checked (a YOLO detector, batch sizes the profiles need) before any work
-    if recipe.calibrated:  # a calibration tensor made earlier was checked against the evaluation set of then
+    if recipe.calibrated and stages:  # a tensor made earlier was checked against the evaluation set of then
         from tools.calib import check_disjoint, select_images
         from tools.common import list_images
 

@@ -292,7 +292,7 @@ def main(argv=None):
     pub.add_argument("--overwrite", action="store_true", help="replace committed files")
     cln = sub.add_parser("clean", help="remove what runs wrote for a model (build products and its results folder)")
     cln.add_argument("--model", default="yolo11n")
-    cln.add_argument("--results", default=str(RUNS), help="the results root whose <model>/ folder goes (default: runs/)")
+    cln.add_argument("--results", default=str(RUNS), help="results root of the run (default: runs/)")
     args = ap.parse_args(argv)
     if args.verb == "clean":
         layout = Layout(args.model, REPO, Path(args.results).resolve())

@@ -410,7 +410,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolo11n")
-    ap.add_argument("--budget", type=non_negative_number, default=0.5, help="mAP50-95 points below FP16 that INT8 may lose")
+    ap.add_argument("--budget", type=non_negative_number, default=0.5,
+                    help="mAP50-95 points below FP16 that INT8 may lose")
     ap.add_argument("--results", default=str(RUNS), help="results root the sweep wrote (default: runs/)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed report")
     args = ap.parse_args(argv)

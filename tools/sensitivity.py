@@ -289,7 +289,8 @@ def main(argv=None):
                                                                          "float")
     ap.add_argument("--profile", help="by-block.csv of `make profile` (fp16 and this recipe; per layer: its layer "
                                       "CSVs beside it): choose groups by agreement gained per millisecond")
-    ap.add_argument("--ms-budget", type=non_negative_number, help="with --profile: most milliseconds the float groups may add")
+    ap.add_argument("--ms-budget", type=non_negative_number,
+                    help="with --profile: most milliseconds the float groups may add")
     ap.add_argument("--trt", default="8.6")
     ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity[-layers].json (+ .md)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
