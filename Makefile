@@ -63,8 +63,7 @@ SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --results "$(RESULTS
         $(if $(call user_set,ONNX),--onnx "$(ONNX)") $(if $(PROFILES),--profiles $(PROFILES)) \
         $(if $(OVERWRITE),--overwrite)
 PIPELINE = $(PY) -m tools.pipeline
-SUMMARY = $(PY) -m tools.summary $(RECIPES) --eval-dir "$(EVAL_DIR)" --results "$(RESULTS)" \
-          $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(OVERWRITE),--overwrite)
+SUMMARY = $(PY) -m tools.summary $(RECIPES) $(SETUP)
 
 .PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile ultralytics summary sweep \
         sensitivity report sizes e2e predict test clean
@@ -151,5 +150,5 @@ predict: $(ENV)  ## annotated SOURCE + detections JSON with RECIPE's engine (ONN
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests
 
-clean:  ## remove what runs made for MODEL (engines, logs, generated models and calibration, runs/); keeps committed files
-	git clean -fdqX -- engines/$(MODEL) logs/$(MODEL) models/$(MODEL) calib/$(MODEL) runs/$(MODEL)
+clean: $(ENV)  ## remove the files runs wrote for MODEL (build products, RESULTS/MODEL); keeps every other file
+	$(PY) -m tools.records clean --model $(MODEL) --results "$(RESULTS)"

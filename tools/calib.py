@@ -27,9 +27,11 @@ def check_disjoint(calib_files: list[Path], eval_dir) -> None:
     """Calibrating on evaluation images inflates every accuracy number: refuse any byte-identical overlap."""
     if eval_dir is None:
         return
-    eval_hashes = {sha256_file(p): p for p in list_images(eval_dir)}
+    from tools.records import file_digest  # digests cached per file: every run checks, not only the first
+
+    eval_hashes = {file_digest(p): p for p in list_images(eval_dir)}
     for p in calib_files:
-        h = sha256_file(p)
+        h = file_digest(p)
         if h in eval_hashes:
             raise UserError(f"{p}: is the same image as evaluation image {eval_hashes[h]}; "
                             f"remove it from the calibration folder (calibration and evaluation sets must not overlap)")

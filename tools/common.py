@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -74,14 +76,30 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
-def positive_number(text: str) -> float:
-    """argparse type for durations and other amounts above zero."""
+def _finite(text: str) -> float:
+    # float() takes "nan" and "inf": a budget of nan mAP points compares false with everything
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """argparse type for durations and other amounts above zero."""
+    value = _finite(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type for budgets and tolerances: finite, 0 or more."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
@@ -111,6 +129,9 @@ def default_trtexec() -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # the disk, not the caller, is the problem
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -128,6 +149,12 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        short = e.errno is None and "written" in str(e)  # numpy's tofile reports a short write without an errno
+        if e.errno not in FULL and not short:
+            raise
+        raise UserError(f"{path}: cannot be written ({str(e) if short else os.strerror(e.errno)}); free space there "
+                        f"or pass a path on another disk (nothing was written)") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

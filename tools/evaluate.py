@@ -257,8 +257,11 @@ def coco_stats(coco_gt, detections, image_ids=None) -> tuple[float, float]:
     return float(ev.stats[0]), float(ev.stats[1])
 
 
-def coco_map(coco_gt, detections, image_ids) -> dict:
-    """COCO bbox mAP50-95 and mAP50 over `image_ids`."""
+def coco_map(coco_gt, detections, image_ids) -> dict | None:
+    """COCO bbox mAP50-95 and mAP50 over `image_ids`; None where none of them has an annotation (COCOeval's -1:
+    there is nothing to recall, so no mAP)."""
+    if not coco_gt.getAnnIds(imgIds=list(image_ids)):
+        return None
     wanted = set(image_ids)
     dets = [d for d in detections if d["image_id"] in wanted]
     if not dets:
@@ -356,13 +359,19 @@ def evaluate(model, image_dir, annotations=None, batch=32, imgsz=640, limit=None
         dets = predict(backend, files, imgsz, batch, pool=pool, prep_cache=prep_cache)
         getattr(backend, "close", lambda: None)()
     ids = [int(p.stem) for p in files]
-    out = {"model": str(model), "backend": backend.name, "image_dir": str(image_dir), "batch": batch,
-           **coco_map(coco, dets, ids)}
+    scores = coco_map(coco, dets, ids)
+    if scores is None:
+        raise UserError(f"{image_dir}: none of the {len(ids)} images scored has an annotation in its annotations.json, "
+                        f"so there is no mAP (COCO's -1); score images that have annotations (a larger EVAL_LIMIT, or "
+                        f"annotate them)")
+    out = {"model": str(model), "backend": backend.name, "image_dir": str(image_dir), "batch": batch, **scores}
     exact_ids = [i for i in ids if i in exact]
-    if exact_ids:
-        out["exact"] = coco_map(coco, dets, exact_ids)
+    if exact_ids and (exact_scores := coco_map(coco, dets, exact_ids)) is not None:
+        out["exact"] = exact_scores
     # two halves (alternate images in file order): a selection rule chooses on one and confirms on the other
-    out["halves"] = {"a": coco_map(coco, dets, ids[0::2]), "b": coco_map(coco, dets, ids[1::2])}
+    halves = {"a": coco_map(coco, dets, ids[0::2]), "b": coco_map(coco, dets, ids[1::2])}
+    if None not in halves.values():
+        out["halves"] = halves
     return out
 
 

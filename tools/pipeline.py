@@ -240,7 +240,8 @@ def autocast_fp16(point: Point) -> Path:
 
     recipe, setup, layout = point.recipe, point.setup, point.layout
     source = point.model_onnx
-    out = layout.quant / f"{recipe.model}.autocast-fp16.{file_digest(source)[:12]}.onnx"
+    size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
+    out = layout.quant / f"{recipe.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
     if out.is_file():
         return out
     image = layout.calib / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input name
@@ -290,18 +291,21 @@ def onnxrt_kind(point: Point, onnx: Path) -> str:
 
 
 def onnxrt_path(point: Point, onnx: Path) -> Path:
-    key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"]})
+    # the image size joins the key only off its default, so the scores of 640 recipes keep their names
+    size = {"imgsz": point.recipe.imgsz} if point.recipe.imgsz != 640 else {}
+    key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"], **size})
     return point.layout.onnxrt / f"{onnxrt_kind(point, onnx)}.{key}.json"
 
 
 def onnxrt_score(point: Point, onnx: Path) -> dict:
-    """ONNX Runtime mAP of `onnx` on the evaluation set, cached by content (model bytes and evaluation set)."""
+    """ONNX Runtime mAP of `onnx` on the evaluation set at the recipe's image size, cached by content (model bytes,
+    evaluation set, image size)."""
     from tools.evaluate import evaluate
 
     out = onnxrt_path(point, onnx)
     if out.is_file():
         return read_json(out, "ONNX Runtime result")
-    res = evaluate(onnx, point.setup.eval_dir, limit=point.setup.eval_limit, batch=8)
+    res = evaluate(onnx, point.setup.eval_dir, limit=point.setup.eval_limit, batch=8, imgsz=point.recipe.imgsz)
     res.update(kind=onnxrt_kind(point, onnx), onnx=point.layout.rel(onnx),
                onnx_sha256=file_digest(onnx), eval=point.eval, updated_utc=now_utc())
     point.layout.write_json(out, res)
@@ -327,6 +331,18 @@ def onnxrt_run(point: Point) -> None:
 
 def onnxrt_done(point: Point) -> bool:
     return onnxrt_path(point, onnxrt_source(point)).is_file()
+
+
+def onnxrt_results(point: Point) -> list[Path]:
+    """The ONNX Runtime results this recipe's run stands on (its model's, and FP32's beside a Q/DQ model) as they
+    exist now, found by their keys, without building anything: what a summary of the run shows."""
+    wanted = [point.model_onnx]
+    if point.plan.onnx_kind == "qdq":
+        from tools.quantize import quantized_path
+
+        qdq = quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root, point.calib_npy.stem)
+        wanted = [qdq, point.model_onnx] if qdq.is_file() else [point.model_onnx]
+    return [p for p in (onnxrt_path(point, onnx) for onnx in wanted) if p.is_file()]
 
 
 def engine_run(point: Point) -> None:
@@ -478,6 +494,12 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
     recipe = setup.adapt(recipe)
     cpu = Point(recipe, setup)
     cpu.model_onnx  # the model is checked (a YOLO detector, batch sizes the profiles need) before any work
+    if recipe.calibrated and stages:  # a tensor made earlier was checked against the evaluation set of then
+        from tools.calib import check_disjoint, select_images
+        from tools.common import list_images
+
+        check_disjoint(select_images(list_images(setup.calib_dir), recipe.calib_images, recipe.calib_seed),
+                       setup.eval_dir)
     for stage in (STAGES[s] for s in stages if not STAGES[s].gpu):
         if stage.applies(recipe) and not stage.done(cpu):
             stage.run(cpu)
@@ -504,6 +526,16 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
         log(f"record: {point.record.path}")
         records.append(point.record.data)
     return records
+
+
+def check_names(recipes: list[Recipe], paths) -> None:
+    """Results are filed by recipe name: two recipes of one name in a run would share (and overwrite) one row."""
+    seen = {}
+    for recipe, path in zip(recipes, paths):
+        if recipe.name in seen:
+            raise UserError(f"{path}: recipe name {recipe.name!r} is also the name of {seen[recipe.name]}; give each "
+                            f"recipe of a run its own `name:`")
+        seen[recipe.name] = path
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -583,6 +615,7 @@ def main(argv=None):
         if not stages:
             return
     recipes = [load(path) for path in args.recipes]  # every recipe checked before any work
+    check_names(recipes, args.recipes)
     failed = []
     for recipe in recipes:  # like make -k: one recipe's failure does not stop the others
         t0 = time.perf_counter()

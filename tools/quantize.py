@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import struct
 import sys
@@ -225,6 +226,17 @@ def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], 
     return raised, rewritten, node_counts(model)
 
 
+def unmatched_exclusions(onnx_path, patterns) -> list[str]:
+    """A warning for each nodes_to_exclude regex that matches no node (ModelOpt re.match-es node names and says
+    nothing of a typo, so the node would be quantized after all), naming the node names nearest to it."""
+    import difflib
+
+    names = [name for name, _ in onnx_nodes(onnx_path)]
+    return [f"nodes_to_exclude {p!r} matches no node of {onnx_path} (ModelOpt matches from the start of the name); "
+            f"nearest: {', '.join(difflib.get_close_matches(p, names, n=3, cutoff=0))}"
+            for p in patterns if not any(re.match(p, n) for n in names)]
+
+
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
@@ -245,6 +257,8 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     if importlib.util.find_spec("modelopt") is None:
         raise UserError(f"{out}: not quantized yet and ModelOpt is not installed here; run `make quantize` on a "
                         f"machine with the CPU requirements and bring models/{recipe.model}/quant along")
+    for warning in unmatched_exclusions(recipe.onnx_path, recipe.nodes_to_exclude):
+        print(f"warning: recipe {recipe.name!r}: {warning}")
     cache = calibrate(recipe, calib_dir, eval_dir, root)
     log = Layout(recipe.model, root).logs / f"{out.stem}.quantize.log"
     shape = f"images:1x3x{recipe.imgsz}x{recipe.imgsz}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -260,13 +261,29 @@ def to_dict(r: Recipe) -> dict:
     return _plain(r)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys: `precision:` twice made an int8-qdq recipe FP16 without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):  # SafeLoader names that problem itself
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path, what: str):
     """A YAML file's content, or one line naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such {what}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeys)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -260,6 +260,38 @@ def publish(run_root: Path, run_results: Path, dest: Layout) -> list[Path]:
     return written
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Cleaning: what the tools write for a model, by folder (globs); anything else there is the user's and stays
+WRITTEN = {"calib": ("*.npy", "*.json", "*.npz", "*.cache", "*.full.onnx"), "quant": ("*.onnx", "*.json"),
+           "engines": ("*.engine", "*.cache"), "logs": ("**/*.log", "**/*.json", "**/*.csv"),
+           "out": ("points/*.json", "onnxrt/*.json", "sweep/recipes/*.yaml", "summary.json", "summary.csv",
+                   "summary.md", "sweep.json", "sweep.csv", "REPORT.md", "selection.json", "chosen.yaml",
+                   "pareto_*.png", "sensitivity*.json", "sensitivity*.md", "profile/*/*.csv", "profile/*/profile.md",
+                   "profile/*/profile.png", "logs/**/*")}
+LEFT_BEHIND = "**/.*.tmp*"  # atomic_path's temporary files, where a killed process could not remove its own
+
+
+def clean(layout: Layout) -> list[Path]:
+    """Remove what runs wrote for `layout.model` (build products under `root`, results under `results`), never a
+    file git tracks nor one the tools do not write; then the folders that this left empty. Returns the files."""
+    removed = []
+    for folder, globs in WRITTEN.items():
+        top = getattr(layout, folder)
+        if not top.is_dir():
+            continue
+        for path in sorted({p for g in (*globs, LEFT_BEHIND) for p in top.glob(g)}):
+            if path.is_file() and not is_tracked(path):
+                path.unlink()
+                removed.append(path)
+        for sub in sorted((p for p in top.glob("**") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(sub.iterdir()):
+                sub.rmdir()
+    for parent in {layout.quant.parent, layout.out}:  # models/<model>/ and <results>/<model>/ themselves
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    return removed
+
+
 def main(argv=None):
     import argparse
 
@@ -272,7 +304,14 @@ def main(argv=None):
     pub.add_argument("--model", default="yolo11n")
     pub.add_argument("--to", default=str(REPO / "results"), help="results root to publish into (default: results/)")
     pub.add_argument("--overwrite", action="store_true", help="replace committed files")
+    cln = sub.add_parser("clean", help="remove what runs wrote for a model (build products and its results folder)")
+    cln.add_argument("--model", default="yolo11n")
+    cln.add_argument("--results", default=str(RUNS), help="results root of the run (default: runs/)")
     args = ap.parse_args(argv)
+    if args.verb == "clean":
+        layout = Layout(args.model, REPO, Path(args.results).resolve())
+        print(f"removed {len(clean(layout))} files that runs wrote for {args.model} (kept every other file)")
+        return
     root = Path(args.run_root).resolve()
     written = publish(root, root / args.results, Layout(args.model, REPO, Path(args.to).resolve(), args.overwrite))
     print(f"published {len(written)} files into {Path(args.to) / args.model}")

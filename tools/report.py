@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.common import REPO, UserError, atomic_path, run_main
+from tools.common import REPO, UserError, atomic_path, non_negative_number, run_main
 from tools.records import RUNS, Layout, read_json
 from tools.summary import fmt
 
@@ -350,6 +350,11 @@ def write_report(layout: Layout, budget: float) -> Path:
     if not sweep_path.is_file():
         raise UserError(f"{sweep_path}: no sweep results; run `make sweep` first (RESULTS= names where it wrote)")
     sweep = read_json(sweep_path, "sweep table")
+    kept = {p.name.split(".")[-2] for p in layout.points.glob("*.json")}
+    lost = next((r["config"] for r in sweep["rows"] if r["key"] not in kept), None)
+    if lost is not None:  # the report reads the chosen point's record: check before writing any of it
+        raise UserError(f"{sweep_path}: names point {lost!r}, whose record is not in {layout.points}; copy the "
+                        f"sweep's points/ folder along with sweep.json (or rerun `make sweep`)")
     if any(r.get("random_weights") for r in sweep["rows"]):
         raise UserError(f"{sweep_path}: the model has random weights (speed only), so a choice by accuracy means "
                         f"nothing; read the speed columns of sweep.csv, or export the trained .pt and sweep again")
@@ -405,12 +410,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="yolo11n")
-    ap.add_argument("--budget", type=float, default=0.5, help="mAP50-95 points below FP16 that INT8 may lose")
+    ap.add_argument("--budget", type=non_negative_number, default=0.5,
+                    help="mAP50-95 points below FP16 that INT8 may lose")
     ap.add_argument("--results", default=str(RUNS), help="results root the sweep wrote (default: runs/)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed report")
     args = ap.parse_args(argv)
-    if args.budget < 0:
-        raise UserError(f"--budget {args.budget}: give mAP points >= 0, e.g. 0.5")
     layout = Layout(args.model, REPO, Path(args.results).resolve(), args.overwrite)
     print(f"wrote {write_report(layout, args.budget)}")
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from tools import yolo_graph
 from tools.calib import select_images
-from tools.common import REPO, UserError, list_images, positive_int, postprocess, preprocess, run_main, \
-    to_input
+from tools.common import REPO, UserError, list_images, non_negative_number, positive_int, positive_number, \
+    postprocess, preprocess, run_main, to_input
 from tools.records import Layout, read_json
 from tools.recipe import load
 
@@ -282,14 +282,15 @@ def main(argv=None):
     ap.add_argument("--eval-dir", help="evaluation folder (only checked for overlap when calibrating)")
     ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
     ap.add_argument("--calib-images", type=positive_int, help="cap the recipe's calib_images (a small folder)")
-    ap.add_argument("--target", type=float, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
+    ap.add_argument("--target", type=positive_number, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
     ap.add_argument("--unit", choices=("block", "layer"), default="block",
                     help="what is put back in float at a time: a YOLO block, or one node (every quantized Conv, ...)")
     ap.add_argument("--max-groups", type=positive_int, default=4, help="most blocks or layers the proposal keeps in "
                                                                          "float")
     ap.add_argument("--profile", help="by-block.csv of `make profile` (fp16 and this recipe; per layer: its layer "
                                       "CSVs beside it): choose groups by agreement gained per millisecond")
-    ap.add_argument("--ms-budget", type=float, help="with --profile: most milliseconds the float groups may add")
+    ap.add_argument("--ms-budget", type=non_negative_number,
+                    help="with --profile: most milliseconds the float groups may add")
     ap.add_argument("--trt", default="8.6")
     ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity[-layers].json (+ .md)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.common import REPO, positive_int, run_main
-from tools.records import RUNS, Layout, engine_id, eval_set, newest_per, read_json, read_records
+from tools.common import REPO, run_main
+from tools.records import Layout, engine_id, eval_set, newest_per, read_json, read_records
 from tools.trtlog import to_csv
 
 
@@ -47,13 +47,26 @@ def engine_rows(rec: dict) -> list[dict]:
     return rows
 
 
-def engine_records(layout: Layout, names, eval_key: str | None) -> list[dict]:
-    """Finished engine records of these recipes (on this evaluation set, unless `eval_key` is None): the newest per
-    (recipe, profile, level), in the order of `names`."""
+def settings_of(rec: dict) -> dict | None:
+    """The settings (Recipe.settings) of the recipe a record was made from; None for one this schema cannot read."""
+    from tools.common import UserError
+    from tools.recipe import from_dict
+
+    try:
+        return from_dict(rec.get("recipe")).settings()
+    except UserError:
+        return None
+
+
+def engine_records(layout: Layout, names, eval_key: str | None, recipes: dict | None = None) -> list[dict]:
+    """Finished engine records of these recipes (on this evaluation set, unless `eval_key` is None; made with
+    exactly these settings where `recipes` maps names to their Recipe.settings()): the newest per (recipe, profile,
+    level), in the order of `names`."""
     from tools.pipeline import has_all_stages
 
     found = [rec for rec in read_records(layout.points) if has_all_stages(rec) and rec["name"] in names
-             and (eval_key is None or rec.get("eval", {}).get("key") == eval_key)]
+             and (eval_key is None or rec.get("eval", {}).get("key") == eval_key)
+             and (recipes is None or settings_of(rec) == recipes[rec["name"]])]
     order = {n: i for i, n in enumerate(names)}
     return sorted(newest_per(found, engine_id).values(),
                   key=lambda r: (order[r["name"]], r["level"], r["profile"]["min"]))
@@ -125,12 +138,26 @@ def published(model: str, root: Path = REPO) -> dict | None:
             "images": s.get("eval", {}).get("images", s.get("eval_images"))}
 
 
+def ran_results(recipes, setup) -> dict:
+    """What summarize's `ran` takes, for recipes as `setup` runs them (Setup.adapt): each one's settings (what its
+    records' keys hash; a changed description still names the same engine) and the ONNX Runtime result files of its
+    run, found by their keys."""
+    from tools.pipeline import Point, onnxrt_results
+
+    return {r.name: (r.settings(), onnxrt_results(Point(r, setup))) for r in recipes}
+
+
 def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None = None,
-              speed_only: bool = False) -> dict:
+              speed_only: bool = False, ran: dict | None = None) -> dict:
+    """`ran`: {recipe name: (its settings as run, the ONNX Runtime result files it stands on)}: the table then holds
+    those results only, not the newest of any recipe that once had the name (main passes it)."""
     ev = eval_set(eval_dir, eval_limit)
-    records = engine_records(layout, names, ev["key"])
+    records = engine_records(layout, names, ev["key"], ran and {n: r for n, (r, _) in ran.items()})
     first = records[0] if records else {}
-    onnxrt = onnxrt_results(layout, ev["key"])
+    if ran is None:
+        onnxrt = onnxrt_results(layout, ev["key"])
+    else:
+        onnxrt = {res["kind"]: res for _, paths in ran.values() for res in map(read_json, paths)}
     return {"model": layout.model, "eval": {"dir": str(eval_dir), "images": ev["count"], "key": ev["key"]},
             "speed_only": speed_only,
             "onnxrt": {k: {m: v[m] for m in ("map50_95", "map50", "images")} |
@@ -141,21 +168,21 @@ def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None
 
 
 def main(argv=None):
-    from tools.yolo_graph import is_random_weights
+    from tools.pipeline import add_setup_args, check_names, setup_from_args
     from tools.recipe import load
+    from tools.yolo_graph import is_random_weights
 
     ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
-    ap.add_argument("--eval-dir", required=True, help="the evaluation set the run scored")
-    ap.add_argument("--eval-limit", type=positive_int)
-    ap.add_argument("--results", default=str(RUNS), help="the run's results root (default: runs/)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a committed summary")
+    add_setup_args(ap)  # the run's own flags: they decide which results are this run's
     args = ap.parse_args(argv)
-    recipes = [load(p) for p in args.recipes]
-    layout = Layout(recipes[0].model, REPO, Path(args.results).resolve(), args.overwrite)
-    s = summarize(layout, [r.name for r in recipes], args.eval_dir, args.eval_limit,
-                  is_random_weights(recipes[0].onnx_path))
+    setup = setup_from_args(args)
+    check_names(recipes := [load(p) for p in args.recipes], args.recipes)
+    ran = [setup.adapt(r) for r in recipes]
+    layout = setup.layout(recipes[0].model)
+    s = summarize(layout, [r.name for r in ran], setup.eval_dir, setup.eval_limit, is_random_weights(ran[0].onnx_path),
+                  ran_results(ran, setup))
     layout.write_json(layout.out / "summary.json", s)
     layout.write_text(layout.out / "summary.csv", to_csv(s["engines"]))
     layout.write_text(layout.out / "summary.md", markdown(s))

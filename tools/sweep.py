@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from tools.common import REPO, UserError, positive_int, run_main
+from tools.common import REPO, UserError, non_negative_number, positive_int, run_main
 from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
 from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
@@ -92,19 +93,62 @@ class Grid:
     screen: Screen | None
 
 
+# recipe keys a grid cannot sweep: they name or describe a point, or have a grid key of their own
+UNSWEPT = {"name": "the sweep names its points", "description": "the sweep describes its points",
+           "notes": "notes shape nothing", "model": "a grid sweeps one model; set the grid's `model:`",
+           "onnx": "a grid sweeps one model; set its base recipe's `onnx:` or ONNX=",
+           "profiles": "set the grid's own `profiles:` key"}
+
+
+def prefix(key: str) -> str:
+    return SHORT.get(key, key + "-")
+
+
+def label(key: str, value) -> str:
+    """A point-name part for a value: the value itself where it can be part of a file name, else its digest."""
+    text = f"{prefix(key)}{value}"
+    return text if re.fullmatch(r"[A-Za-z0-9._-]+", text) else f"{prefix(key)}{digest(value)[:6]}"
+
+
+def check_axis(key: str, values, base: Recipe, axes: dict, source: str) -> None:
+    """Refuse an axis that cannot make points: a key no grid sweeps, no values, or a key that shapes nothing for
+    the precisions the points have (calibration methods on an fp16 base would collapse into one point). `axes`: the
+    axes a point combines this one with (a product grid's; none one at a time)."""
+    if key not in FIELDS:
+        raise UserError(f"{source}: axis {key!r} is not a recipe key; recipe keys are {', '.join(FIELDS)}")
+    if key in UNSWEPT:
+        raise UserError(f"{source}: axis {key!r} cannot be swept ({UNSWEPT[key]}); remove the axis")
+    if not values:
+        raise UserError(f"{source}: axis {key!r} has no values; give it at least one or remove it")
+    meta = Recipe.model_fields[key].json_schema_extra or {}
+    precisions = {base.precision, *_values(axes.get("precision", []))}
+    if meta and not precisions & set(meta["precisions"]):
+        raise UserError(f"{source}: axis {key!r} shapes only {', '.join(meta['precisions'])} recipes, but the points "
+                        f"are {', '.join(sorted(precisions))}; use a base of that precision or remove the axis")
+    if meta and meta["when"]:
+        other, needed = meta["when"]
+        if needed != getattr(base, other) and needed not in _values(axes.get(other, [])):
+            raise UserError(f"{source}: axis {key!r} shapes only recipes with {other}: {needed}, and no point has it; "
+                            f"set it in the base or add it to the {other!r} axis")
+
+
+def _values(axis) -> list:
+    return list(axis.values()) if isinstance(axis, dict) else list(axis)
+
+
 def axis_values(key: str, values, root: Path, source: str) -> dict:
     """An axis as {label: value}; lists get labels from their values, mappings name their values."""
     if isinstance(values, list):
-        return {f"{SHORT.get(key, key + '=')}{v}": v for v in values}
+        return {label(key, v): v for v in values}
     out = {}
-    for label, v in values.items():
+    for name, v in values.items():
         if isinstance(v, dict):
             if set(v) != {"from"}:
-                raise UserError(f"{source}: axis {key!r} value {label!r}: give a value or {{from: proposal.json}}")
+                raise UserError(f"{source}: axis {key!r} value {name!r}: give a value or {{from: proposal.json}}")
             v = proposal(root / v["from"], source)
             if v is None:
                 continue
-        out[f"{SHORT.get(key, key + '=')}{label}"] = v
+        out[f"{prefix(key)}{name}"] = v
     return out
 
 
@@ -127,10 +171,9 @@ def load_grid(path, root: Path = REPO) -> Grid:
         g = GridFile.model_validate(data)
     except ValidationError as e:
         raise UserError(validation_message(str(path), e, GRID_HINTS, tuple(GridFile.model_fields))) from None
-    for key in g.axes:
-        if key not in FIELDS:
-            raise UserError(f"{path}: axis {key!r} is not a recipe key; recipe keys are {', '.join(FIELDS)}")
     base = load(root / g.base)
+    for key, values in g.axes.items():
+        check_axis(key, values, base, g.axes if g.design == "product" else {}, str(path))
     if g.profiles is not None:
         base = base.replace(profiles=g.profiles)
     refs = tuple(load(root / r) for r in g.references)
@@ -143,14 +186,13 @@ def load_grid(path, root: Path = REPO) -> Grid:
 def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
     """The axis label of `value`; a scalar off the axis (a capped image count) is named by itself, a list off the
     axis (a reference's own exclusions) after `owner`, the recipe it comes from, or else by a digest."""
-    for label, v in axis.items():
+    for name, v in axis.items():
         if v == value or (isinstance(v, list) and tuple(v) == tuple(value if isinstance(value, (list, tuple)) else
                                                                      (value,))):
-            return label
-    prefix = SHORT.get(key, key + "=")
+            return name
     if isinstance(value, (int, float, str)):
-        return f"{prefix}{value}"
-    return f"{prefix}{f'as-{owner}' if owner else digest(value)[:6]}"
+        return label(key, value)
+    return f"{prefix(key)}{f'as-{owner}' if owner else digest(value)[:6]}"
 
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
@@ -475,7 +517,7 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated parts of point names to run (references always run)")
     ap.add_argument("--table-only", action="store_true",
                     help="rebuild sweep.json/csv from the points' records (newest per point), running nothing")
-    ap.add_argument("--stop-after", type=float, metavar="SECONDS",
+    ap.add_argument("--stop-after", type=non_negative_number, metavar="SECONDS",
                     help="start no new point after this many seconds; the next run resumes (for time-limited jobs)")
     ap.add_argument("--gpus", help="comma-separated GPU indices to use (default: every visible GPU)")
     ap.add_argument("--jobs-per-gpu", type=positive_int, default=1,
