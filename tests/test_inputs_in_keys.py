@@ -176,7 +176,8 @@ SWEEP = {  # key: (base recipe, a value off the base's, other axes of a product 
     "calibration_eps": (INT8, ["cpu", "trt"], {}),
     "implicit_calibrator": (REPO / "recipes/yolo11n/int8-implicit.yaml", "entropy", {}),
     "layer_precisions": (INT8, [{"match": "/model\\.0/", "precision": "fp32"}], {}),
-    "builder_optimization_level": (INT8, 1, {}), "timing_cache": (INT8, False, {})}
+    "builder_optimization_level": (INT8, 1, {}), "timing_cache": (INT8, False, {}),
+    "deploy": (INT8, {"input": "uint8-nhwc", "nms": {"conf": 0.001, "iou": 0.7, "max_det": 300}}, {})}
 
 
 def grid(tmp_path, base, axes, design="one-at-a-time"):
