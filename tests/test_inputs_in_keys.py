@@ -256,3 +256,13 @@ def test_an_exclusion_that_matches_no_node_is_a_warning_naming_the_nearest():
     assert unmatched_exclusions(MODEL, ["/model\\.10/.*", "/model.23/cv3"]) == []
     [warning] = unmatched_exclusions(MODEL, ["/model\\.99/conv"])
     assert "matches no node" in warning and "nearest: /model." in warning
+
+
+def test_a_labelled_axis_of_mappings_names_its_points(tmp_path):
+    e2e = {"input": "uint8-nhwc", "nms": {"conf": 0.001, "iou": 0.7, "max_det": 300}}
+    points = expand(load_grid(grid(tmp_path, INT8, {"deploy": {"e2e": e2e, "fold": {"input": "uint8-nchw"}}})))
+    named = {p.name: p.deploy for p in points}
+    assert named["qdq-deploy-e2e"].nms.max_det == 300 and named["qdq-deploy-fold"].nms is None
+    with pytest.raises(UserError, match=r"axis 'nodes_to_exclude' value 'x': give a value or \{from: proposal.json\}"):
+        load_grid(grid(tmp_path, INT8, {"nodes_to_exclude": {"x": {"from": "a.json", "more": 1}}}))
+

@@ -142,7 +142,7 @@ def axis_values(key: str, values, root: Path, source: str) -> dict:
         return {label(key, v): v for v in values}
     out = {}
     for name, v in values.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "from" in v:  # other mappings are values (`deploy: {input: ...}`)
             if set(v) != {"from"}:
                 raise UserError(f"{source}: axis {key!r} value {name!r}: give a value or {{from: proposal.json}}")
             v = proposal(root / v["from"], source)
@@ -187,6 +187,8 @@ def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
     """The axis label of `value`; a scalar off the axis (a capped image count) is named by itself, a list off the
     axis (a reference's own exclusions) after `owner`, the recipe it comes from, or else by a digest."""
     for name, v in axis.items():
+        if isinstance(value, BaseModel) and isinstance(v, dict):  # a mapping-valued key (deploy): compare as parsed
+            v = type(value).model_validate(v)
         if v == value or (isinstance(v, list) and tuple(v) == tuple(value if isinstance(value, (list, tuple)) else
                                                                      (value,))):
             return name
@@ -197,7 +199,7 @@ def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
 
 def point_name(grid: Grid, recipe: Recipe) -> str:
     parts = [label_of(k, getattr(recipe, k), grid.axes[k]) for k in grid.axes if not recipe.at_omitted_default(k)]
-    return ("qdq-" if recipe.precision == "int8-qdq" else recipe.precision + "-") + "-".join(parts)
+    return ("qdq-" if recipe.precision == "int8-qdq" else recipe.precision + "-") + ("-".join(parts) or "base")
 
 
 def expand(grid: Grid, setup: Setup | None = None) -> list[Recipe]:
