@@ -17,6 +17,7 @@ EVAL_LIMIT ?=#                                          score only the first N e
 RESULTS    ?= runs#                                    where records and tables go; results/ holds the committed ones
 OVERWRITE  ?=#                                          1: let a run replace committed result files
 PROFILES   ?=#                                          comma-separated deployment profiles to build (default: all)
+LEVEL      ?=#                                          build every recipe at this builder level (default: each recipe's own)
 TRT_VERSION ?=#                                         plan for this TensorRT (default: the installed one, else 10)
 TRTEXEC    ?= $(if $(shell command -v trtexec 2>/dev/null),trtexec,$(PY) -m tools.trtexec_py)
 POLYGRAPHY ?= $(if $(shell command -v polygraphy 2>/dev/null),polygraphy,$(PY) -m tools.polygraphy_cli)
@@ -38,7 +39,7 @@ MODEL_FILE ?=#                                          an engine or ONNX `make 
 CONF       ?= 0.25#                                    `make predict`'s score threshold: ultralytics predict's default
 IOU        ?= 0.7#                                     `make predict`'s NMS IoU; an engine with NMS inside keeps its own
 
-KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES \
+KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVAL_LIMIT RESULTS OVERWRITE PROFILES LEVEL \
         TRT_VERSION TRTEXEC POLYGRAPHY GRID GPUS JOBS_PER_GPU SWEEP_ARGS BUDGET SENS_IMAGES SENS_UNIT \
         SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS SOURCE MODEL_FILE CONF IOU
 
@@ -61,7 +62,7 @@ SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --results "$(RESULTS
         --polygraphy "$(POLYGRAPHY)" $(if $(TRT_VERSION),--trt $(TRT_VERSION)) \
         $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
         $(if $(call user_set,ONNX),--onnx "$(ONNX)") $(if $(PROFILES),--profiles $(PROFILES)) \
-        $(if $(OVERWRITE),--overwrite)
+        $(if $(LEVEL),--level $(LEVEL)) $(if $(OVERWRITE),--overwrite)
 PIPELINE = $(PY) -m tools.pipeline
 SUMMARY = $(PY) -m tools.summary $(RECIPES) $(SETUP)
 
@@ -145,7 +146,7 @@ e2e: $(ENV)  ## FP16 and INT8, raw and end-to-end engines: preprocess, copies, i
 predict: $(ENV)  ## annotated SOURCE + detections JSON with RECIPE's engine (ONNX Runtime on a CPU machine)
 	$(PY) -m tools.predict "$(SOURCE)" $(RECIPE) --conf $(CONF) --iou $(IOU) --results "$(RESULTS)" \
 	    --calib-dir "$(CALIB_DIR)" $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
-	    $(if $(MODEL_FILE),--model "$(MODEL_FILE)") $(if $(TRT_VERSION),--trt $(TRT_VERSION))
+	    $(if $(MODEL_FILE),--model "$(MODEL_FILE)") $(if $(LEVEL),--level $(LEVEL)) $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests

@@ -41,18 +41,18 @@ def test_cpu_nms_matches_the_evaluator_on_real_outputs(frames):
         assert len(want) > 0 and np.array_equal(got[i], want)
 
 
-def row(name, precision, profile, kind, total, infer, loop, resident):
+def row(name, precision, profile, kind, total, infer, loop, resident, map50_95=None):
     samples = {s: [1.0] for s in ("letterbox", "normalise", "h2d", "d2h", "nms", "nms_deploy")}
     r = summarise({**samples, "infer": [infer, infer], "total": [total, total * 3]}, 32)
     return {"name": name, "precision": precision, "profile": profile, "kind": kind, "level": 3, **r,
-            "loop_ips": loop, "resident_ips": resident}
+            "loop_ips": loop, "resident_ips": resident, "map50_95": map50_95}
 
 
 def test_speedups_pair_same_kind_and_profile():
     rows = [row("fp16", "fp16", "b32", "raw", 10.0, 3.0, 1000.0, 9000.0),
             row("int8", "int8-qdq", "b32", "raw", 8.0, 2.0, 1100.0, 12000.0),
             row("fp16-e2e", "fp16", "b32", "end-to-end", 6.0, 3.2, 2000.0, 9500.0),
-            row("int8-e2e", "int8-qdq", "b32", "end-to-end", 5.0, 2.4, 2600.0, 12500.0),
+            row("int8-e2e", "int8-qdq", "b32", "end-to-end", 5.0, 2.4, 2600.0, 12500.0, 0.36617),
             row("int8-b1", "int8-qdq", "b1", "raw", 1.0, 0.5, 500.0, 800.0)]  # no FP16 at b1: no ratio
     s = {(x["name"], x["versus"]): x for x in speedups(rows)}
     assert set(s) == {("int8", "fp16"), ("int8-e2e", "fp16-e2e")}
@@ -63,6 +63,9 @@ def test_speedups_pair_same_kind_and_profile():
                      "host_cpus": 2}, "frames": 3, "images": 32, "imgsz": 640, "thresholds": vars(Thresholds()),
                      "streams": 2, "rows": rows, "speedups": speedups(rows)})
     assert "| int8-e2e | end-to-end | b32 | 1.20x | 1.33x | 1.30x | 1.32x |" in text
+    scored = [line for line in text.splitlines() if line.startswith("| int8-e2e | end-to-end | b32 | 3 |")]
+    assert scored[0].endswith("| 0.3662 |") and all(line.endswith("| - |") for line in text.splitlines()
+                                                      if line.startswith("| fp16 | raw |"))
 
 
 def test_help_and_no_tensorrt_is_one_line():

@@ -90,6 +90,16 @@ def test_calibration_cap_renames_what_it_changes(tmp_path):
     assert s.adapt(load(FP16)) == load(FP16)
 
 
+def test_a_run_level_rebuilds_every_recipe_at_that_level_under_its_own_key(tmp_path):
+    """LEVEL= / --level: each recipe as the run builds it, so its points' keys (and names in a sweep) say the level."""
+    q = load(REPO / "recipes/yolo11n/int8-dfl-mse.yaml").replace(calib_images=32)
+    at1 = setup(tmp_path, level=1).adapt(q)
+    assert q.builder_optimization_level == 3 and at1.builder_optimization_level == 1
+    assert at1.replace(builder_optimization_level=3) == q and setup(tmp_path, level=3).adapt(q) == q
+    own, low = pipeline.Point(q, setup(tmp_path), "b1"), pipeline.Point(at1, setup(tmp_path, level=1), "b1")
+    assert own.key != low.key and own.engine_path != low.engine_path
+
+
 def test_unknown_profile_is_refused(tmp_path):
     with pytest.raises(UserError, match="no profile 'b8'"):
         setup(tmp_path, profiles=("b8",)).engine_profiles(load(FP16))
@@ -130,14 +140,16 @@ def test_setup_round_trips_through_job_flags(tmp_path):
     ap = argparse.ArgumentParser()
     pipeline.add_setup_args(ap)
     s = pipeline.setup_from_args(ap.parse_args(["--trt", "8.6", "--cuda-graphs", "on", "--duration", "1.5",
-                                                "--eval-limit", "8", "--compare-images", "0", "--results",
+                                                "--eval-limit", "8", "--compare-images", "0", "--level", "1",
+                                                "--results",
                                                 str(tmp_path), "--overwrite"]))
     assert pipeline.setup_from_args(ap.parse_args(pipeline.setup_to_args(s))) == s
 
 
 @pytest.mark.parametrize("flags,expected", [(["--eval-limit", "0"], "must be 1 or more"),
                                             (["--duration", "-1"], "must be above 0"),
-                                            (["--calib-images", "abc"], "not 'abc'")])
+                                            (["--calib-images", "abc"], "not 'abc'"),
+                                            (["--level", "6"], "levels are 0 to 5")])
 def test_bad_numbers_are_refused_by_the_flag(flags, expected, capsys):
     ap = argparse.ArgumentParser()
     pipeline.add_setup_args(ap)

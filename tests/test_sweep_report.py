@@ -7,6 +7,7 @@ import yaml
 from conftest import CALIB, MINI, REPO
 
 import tools.pipeline as pipeline
+import tools.sweep as sweep
 from tools.common import UserError
 from tools.recipe import digest, load
 from tools.records import Layout
@@ -27,6 +28,21 @@ def write_grid(tmp_path, design="one-at-a-time", extra=None, **top):
 
 def setup(tmp_path, **kw):
     return pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, results=tmp_path, trt_version="8.6.1", **kw)
+
+
+def test_a_run_level_applies_to_every_point_but_not_to_a_screened_grid(tmp_path, capsys):
+    """LEVEL= builds references and points at one level (so their settings, and every key, differ from the recipes'
+    own); a screened grid has levels of its own, so the two together are refused in one line."""
+    assert {r.builder_optimization_level for r in expand(load_grid(write_grid(tmp_path), REPO),
+                                                          setup(tmp_path, level=1))} == {1}
+    listed = []
+    for level in ([], ["--level", "1"]):
+        sweep.main([str(write_grid(tmp_path)), "--results", str(tmp_path), "--list", *level])
+        listed.append(capsys.readouterr().out.splitlines())
+    assert len(listed[0]) == len(listed[1]) > 2 and not set(listed[0]) & set(listed[1])
+    screened = write_grid(tmp_path, screen={"builder_optimization_level": 1})
+    with pytest.raises(UserError, match="screened grid"):
+        sweep.main([str(screened), "--results", str(tmp_path), "--level", "2", "--list"])
 
 
 def test_one_at_a_time_expansion(tmp_path):

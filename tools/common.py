@@ -76,6 +76,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def builder_level(text: str) -> int:
+    """argparse type for TensorRT's builder optimization level (0-5, the range the recipe schema takes)."""
+    value = _int_at_least(text, 0)
+    if value > 5:
+        raise argparse.ArgumentTypeError(f"{text}: builder optimization levels are 0 to 5")
+    return value
+
+
 def _finite(text: str) -> float:
     # float() takes "nan" and "inf": a budget of nan mAP points compares false with everything
     try:

@@ -108,6 +108,9 @@ def markdown(result: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
+    def score(v):
+        return "-" if v is None else f"{v:.4f}"
+
     env = result["environment"]
     lines = [f"# End to end: {result['model']}", "",
              f"{env['gpu']}, TensorRT {env['trt_version']}, {env['host_cpus']} host CPUs, {result['utc']}. "
@@ -116,14 +119,14 @@ def markdown(result: dict) -> str:
              f"{result['thresholds']['iou']}, {result['thresholds']['max_det']} boxes. ms per batch, p50 (p99); "
              f"loop: {result['streams']} threads/streams, copies overlapped, pinned memory.", "",
              "| engine | kind | profile | level | letterbox | normalise | h2d | infer | d2h | nms | total | "
-             f"ms/image | loop img/s | resident img/s | nms at conf {DEPLOY.conf} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"ms/image | loop img/s | resident img/s | nms at conf {DEPLOY.conf} | mAP50-95 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         cells = [f"{f(r[f'{s}_p50'])} ({f(r[f'{s}_p99'])})" if r[f"{s}_p50"] is not None else "-"
                  for s in (*STAGES, "total")]
         lines.append(f"| {r['name']} | {r['kind']} | {r['profile']} | {r['level']} | " + " | ".join(cells) +
                      f" | {f(r['ms_per_image'])} | {r['loop_ips']:,.0f} | {r['resident_ips']:,.0f} | "
-                     f"{f(r['nms_deploy_p50'])} |")
+                     f"{f(r['nms_deploy_p50'])} | {score(r['map50_95'])} |")
     if result["speedups"]:
         lines += ["", "INT8 against FP16 of the same kind and profile, this run:", "",
                   "| engine | kind | profile | total (one batch) | inference alone | whole loop | resident loop |",
@@ -405,7 +408,9 @@ def measure(recipes, setup, frames_count: int = 64, streams: int = 2, warmup_s: 
             rows.append({"name": recipe.name, "precision": recipe.precision, "profile": profile, "batch": p.max,
                          "level": recipe.builder_optimization_level,
                          "kind": "end-to-end" if recipe.deploy else "raw",
-                         "engine_key": rec["engine_key"], "conf": t.conf, "iou": t.iou, "max_det": t.max_det, **row})
+                         "engine_key": rec["engine_key"], "conf": t.conf, "iou": t.iou, "max_det": t.max_det,
+                         # the engine's COCO mAP where the accuracy stage scored it on this evaluation set
+                         "map50_95": rec.get("accuracy", {}).get("map50_95"), **row})
     if not rows:
         raise UserError("e2e: no engine to time; pass recipes with deployment profiles")
     return {"model": recipes[0].model, "utc": now_utc(), "environment": env, "imgsz": recipes[0].imgsz,

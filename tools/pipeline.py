@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from tools.common import REPO, UserError, default_trtexec, non_negative_int, positive_int, positive_number, run_main
+from tools.common import REPO, UserError, builder_level, default_trtexec, non_negative_int, positive_int, \
+    positive_number, run_main
 from tools.engine import AVG_TIMING
 from tools.records import LOG_KEYS, RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
 from tools.recipe import Recipe, digest, load, to_dict
@@ -74,6 +75,7 @@ class Setup:
     overwrite: bool = False
     onnx: Path | None = None  # the model to start from instead of the recipe's (Makefile ONNX=)
     profiles: tuple[str, ...] | None = None  # only these deployment profiles (default: every one of the recipe)
+    level: int | None = None  # every recipe's builder_optimization_level for this run (default: the recipe's own)
     trt_version: str | None = None  # None: the installed TensorRT
     trtexec: tuple[str, ...] = field(default_factory=default_trtexec)
     polygraphy: tuple[str, ...] | None = None
@@ -100,6 +102,8 @@ class Setup:
             changes["onnx"] = str(self.onnx)
         if self.calib_images and recipe.calibrated and recipe.calib_images > self.calib_images:
             changes["calib_images"] = self.calib_images
+        if self.level is not None and recipe.builder_optimization_level != self.level:
+            changes["builder_optimization_level"] = self.level
         return recipe.replace(**changes) if changes else recipe
 
     def engine_profiles(self, recipe: Recipe) -> list[str]:
@@ -558,6 +562,8 @@ def add_setup_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--overwrite", action="store_true", help="replace committed (git-tracked) result files")
     ap.add_argument("--onnx", help="start from this ONNX instead of each recipe's model")
     ap.add_argument("--profiles", help="comma-separated deployment profiles to build (default: each recipe's all)")
+    ap.add_argument("--level", type=builder_level,
+                    help="build every recipe at this builder optimization level (0-5; default: each recipe's own)")
     ap.add_argument("--trt", help="TensorRT version (default: the installed one; 10 when planning without it)")
     ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
     ap.add_argument("--polygraphy", help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
@@ -578,7 +584,8 @@ def setup_from_args(args) -> Setup:
         raise UserError(f"{args.onnx}: no such ONNX model (ONNX= / --onnx); export one with make export")
     return Setup(calib_dir=Path(args.calib_dir), eval_dir=Path(args.eval_dir), results=Path(args.results).resolve(),
                  overwrite=args.overwrite, onnx=onnx,
-                 profiles=tuple(args.profiles.split(",")) if args.profiles else None, trt_version=args.trt,
+                 profiles=tuple(args.profiles.split(",")) if args.profiles else None, level=args.level,
+                 trt_version=args.trt,
                  trtexec=tuple(shlex.split(args.trtexec)) if args.trtexec else default_trtexec(),
                  polygraphy=tuple(shlex.split(args.polygraphy)) if args.polygraphy else None,
                  cuda_graphs=GRAPH_MODES[args.cuda_graphs], warmup_ms=args.warmup_ms, duration_s=args.duration,
@@ -591,7 +598,8 @@ def setup_to_args(setup: Setup) -> list[str]:
     args = ["--calib-dir", str(setup.calib_dir), "--eval-dir", str(setup.eval_dir), "--results", str(setup.results),
             "--trtexec", shlex.join(setup.trtexec), "--cuda-graphs", mode, "--duration", f"{setup.duration_s:g}",
             "--warmup-ms", str(setup.warmup_ms), "--compare-images", str(setup.compare_images)]
-    for flag, value in (("--onnx", setup.onnx), ("--trt", setup.trt_version), ("--eval-limit", setup.eval_limit),
+    for flag, value in (("--onnx", setup.onnx), ("--level", setup.level), ("--trt", setup.trt_version),
+                        ("--eval-limit", setup.eval_limit),
                         ("--calib-images", setup.calib_images),
                         ("--polygraphy", shlex.join(setup.polygraphy) if setup.polygraphy else None)):
         if value is not None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import COCO80_NAMES, IMAGE_SUFFIXES, REPO, UserError, atomic_dir, list_images, positive_int, \
-    preprocess_image, read_image, run_main, scale_boxes, write_json
+from tools.common import COCO80_NAMES, IMAGE_SUFFIXES, REPO, UserError, atomic_dir, builder_level, list_images, \
+    positive_int, preprocess_image, read_image, run_main, scale_boxes, write_json
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -248,13 +248,15 @@ def main(argv=None):
     ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"),
                     help="the recipe's calibration images (they name its quantized model)")
     ap.add_argument("--calib-images", type=positive_int, help="the cap `make` puts on calib_images (names follow it)")
+    ap.add_argument("--level", type=builder_level, help="the builder level the engine was built at (make LEVEL=)")
     ap.add_argument("--trt", help="TensorRT version (default: the installed one)")
     args = ap.parse_args(argv)
     if not 0 <= args.conf < 1 or not 0 < args.iou <= 1:
         raise UserError(f"--conf {args.conf} / --iou {args.iou}: need 0 <= conf < 1 and 0 < iou <= 1 (CONF=, IOU=)")
     recipe = load(args.recipe)
     setup = Setup(calib_dir=Path(args.calib_dir), eval_dir=REPO / "data" / "coco-mini",
-                  results=Path(args.results).resolve(), trt_version=args.trt, calib_images=args.calib_images)
+                  results=Path(args.results).resolve(), level=args.level, trt_version=args.trt,
+                  calib_images=args.calib_images)
     run(args.source, recipe, setup, args.model, args.profile, args.conf, args.iou, args.max_det)
 
 

@@ -383,8 +383,9 @@ class Runner:
         layers = {"model": recipe.model,
                   **{k: v for k, v in recipe.engine_settings(profile).items() if k not in SCALES_ONLY}}
         affinity = digest(layers)  # engines with the same layers: a GPU's build server times them once
+        final = self.setup.adapt(self.grid.base).builder_optimization_level
         mine = stages + (("layers",) if recipe.name in self.layers and
-                         recipe.builder_optimization_level == self.grid.base.builder_optimization_level else ())
+                         recipe.builder_optimization_level == final else ())
         return [Job(name, s, s in EXCLUSIVE, affinity if s == "engine" else "", s == "accuracy") for s in mine]
 
     def run(self, points: list[tuple[Recipe, str]], stages, stop_after, log, then=None, gate=None
@@ -533,6 +534,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
     grid = load_grid(args.grid)
+    if setup.level is not None and grid.screen is not None:
+        raise UserError(f"{args.grid}: a screened grid builds at its screening level and then at the recipes' own; "
+                        f"drop LEVEL= / --level, or the grid's screen: key")
     layout = setup.layout(grid.model)
     if args.list:
         for r in expand(grid, setup):
@@ -562,7 +566,7 @@ def main(argv=None):
                 "grid": args.grid, "design": grid.design, "complete": complete, "failures": failures or {},
                 "gpus": gpus, "jobs_per_gpu": args.jobs_per_gpu,
                 "screen_level": grid.screen.builder_optimization_level if grid.screen else None,
-                "final_level": grid.base.builder_optimization_level,
+                "final_level": setup.adapt(grid.base).builder_optimization_level,
                 "run_seconds": runs, "seconds": sum(runs)})
 
     run_setup = grid_setup(grid, setup)
