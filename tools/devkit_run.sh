@@ -24,15 +24,15 @@ fi
 cd "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$W:/tmp/pylib
 export MAKEFLAGS="PY=py311 EVAL_DIR=$D/val2017-eval CALIB_DIR=$D/calib"
-pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache job.log tests.log 2>/dev/null; }
+pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache job.log tests*.log 2>/dev/null; }
 case "$1" in
   start) setsid nohup bash -c "$2; echo \"exit \$? at \$(date +%T)\"" > "$W/job.log" 2>&1 < /dev/null &
          sleep 20; tail -5 "$W/job.log" ;;
   poll)  for _ in $(seq "$2"); do grep -q '^exit ' "$W/job.log" && break; sleep 1; done
-         tail -25 "$W/job.log"; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
+         tail -25 "$W/job.log"; tail -4 tests*.log 2>/dev/null; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
          echo; ls runs/*/points 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
   run)   bash -c "$2"; pack ;;
   tests) CUDA_VISIBLE_DEVICES="$2" setsid nohup py311 -m pytest -v -p no:cacheprovider tests/test_gpu.py \
-           > "$W/tests.log" 2>&1 < /dev/null &
+           ${3:+-k "$3"} > "$W/tests.log" 2>&1 < /dev/null &
          sleep 2; tail -3 "$W/tests.log" ;;
 esac
