@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import MINI, MODEL, REPO
 
-from tools.common import UserError
+from tools.core.errors import UserError
 from tools.evaluate import evaluate
 
 
@@ -83,7 +83,8 @@ def test_scorer_matches_pycocotools():
 def test_predict_prefilter_keeps_every_detection():
     """predict() drops anchors with no class above conf before NMS; the detections must equal postprocess on the
     whole output, image by image (real outputs of the shipped images)."""
-    from tools.common import postprocess, preprocess, to_input
+    from tools.yolo.decode import postprocess
+    from tools.yolo.preprocess import preprocess, to_input
     from tools.evaluate import OnnxrtBackend, coco_results, load_ground_truth, predict
 
     _, files, _ = load_ground_truth(MINI)

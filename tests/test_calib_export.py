@@ -6,8 +6,10 @@ import pytest
 from conftest import CALIB, MINI, MODEL, run_tool
 
 from tools.calib import build_calibration
-from tools.common import UserError, list_images, preprocess, to_input
+from tools.core.errors import UserError
+from tools.core.files import list_images
 from tools.export import check_detector
+from tools.yolo.preprocess import preprocess, to_input
 
 
 def test_calibration_tensor_uses_inference_preprocessing(tmp_path):

@@ -8,11 +8,11 @@ import onnx
 import pytest
 from conftest import CALIB, MODEL, REPO
 
-from tools.calibrators import MAX_BINS, Histogram, fixed_amax, histogram_scales, load_histograms, mse_amax, \
-    percentile_amax, scale_groups
-from tools.common import UserError
+from tools.core.errors import UserError
+from tools.core.recipe import from_dict, load
 from tools.quantize import activation_scales, calibrate, quantize, quantized_path, read_cache
-from tools.recipe import from_dict, load
+from tools.yolo.calibrators import MAX_BINS, Histogram, fixed_amax, histogram_scales, load_histograms, mse_amax, \
+    percentile_amax, scale_groups
 
 
 def filled(*batches) -> Histogram:

@@ -4,7 +4,9 @@ import pytest
 import torch
 from conftest import MINI, MODEL
 
-from tools.common import letterbox, list_images, load_resized, nms, postprocess, preprocess, read_image, to_input
+from tools.core.files import list_images
+from tools.yolo.decode import nms, postprocess
+from tools.yolo.preprocess import letterbox, load_resized, preprocess, read_image, to_input
 
 
 @pytest.mark.parametrize("index", [0, 7, 19])

@@ -9,9 +9,11 @@ import pytest
 from conftest import CALIB, MINI, MODEL, REPO, run_tool
 
 import tools.pipeline as pipeline
-from tools.common import UserError, list_images, preprocess, to_input
+from tools.core.errors import UserError
+from tools.core.files import list_images
+from tools.core.recipe import Deploy, load
 from tools.deploy_graph import FLOAT_INPUT, NMS_OUTPUTS, PLUGIN, add_nms, decode_nms, end_to_end, fold_input
-from tools.recipe import Deploy, load
+from tools.yolo.preprocess import preprocess, to_input
 
 FP16 = REPO / "recipes/yolo11n/fp16.yaml"
 E2E = REPO / "recipes/yolo11n/fp16-e2e.yaml"
@@ -190,7 +192,7 @@ def test_pipeline_builds_the_end_to_end_onnx_once_and_keys_it(tmp_path, monkeypa
 
 def test_committed_engine_keys_are_unchanged(monkeypatch):
     """A recipe without `deploy` keys its engines as before: the committed fp16 record's key recomputes."""
-    from tools.recipe import from_dict
+    from tools.core.recipe import from_dict
 
     (path,) = sorted((REPO / "results/yolo11n/points").glob("fp16.b1.*.json"))
     rec = json.loads(path.read_text())
@@ -230,7 +232,7 @@ def test_an_nms_engine_builds_without_library_tactics_on_tensorrt_8():
     builder's bit mask as trtexec does."""
     from types import SimpleNamespace
 
-    from tools.common import UserError
+    from tools.core.errors import UserError
     from tools.engine import NO_LIBRARY_TACTICS, build_args
     from tools.trt_plan import plan
     from tools.trtexec_py import parse_flags, tactic_mask

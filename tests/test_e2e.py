@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from conftest import MINI, MODEL, run_tool
 
-from tools.common import list_images, postprocess, preprocess, read_image, to_input
+from tools.core.files import list_images
 from tools.e2e import Thresholds, engine_input, letterbox_frame, markdown, raw_detections, speedups, summarise
+from tools.yolo.decode import postprocess
+from tools.yolo.preprocess import preprocess, read_image, to_input
 
 
 @pytest.fixture(scope="module")

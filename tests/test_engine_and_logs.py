@@ -4,17 +4,16 @@ import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import MODEL, REPO, run_tool
 
-from tools.common import UserError
+from tools.core.errors import UserError
+from tools.core.recipe import load
 from tools.engine import build_args, onnx_nodes, resolve_layer_precisions
-from tools.recipe import load
+from tools.trt_plan import plan
 from tools.trtexec_py import parse_flags, parse_layer_spec, parse_shapes, stats_line
 from tools.trtlog import parse
-from tools.trt_plan import plan
-
-import numpy as np
 
 
 def test_ultralytics_head_constraints_resolve_on_the_real_graph():

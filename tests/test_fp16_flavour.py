@@ -9,11 +9,13 @@ import pytest
 from conftest import CALIB, MINI, REPO
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.common import list_images, postprocess, preprocess, to_input
-from tools.qdq_fp16 import FP16_MIN_NORMAL, for_onnxruntime, fp32_quantize, onnxruntime_truncates_fp16_quantize, \
-    weight_scale_names
+from tools.core.files import list_images
+from tools.core.recipe import load
 from tools.quantize import quantize
-from tools.recipe import load
+from tools.yolo.decode import postprocess
+from tools.yolo.preprocess import preprocess, to_input
+from tools.yolo.qdq_fp16 import FP16_MIN_NORMAL, for_onnxruntime, fp32_quantize, onnxruntime_truncates_fp16_quantize, \
+    weight_scale_names
 
 
 def session(model):

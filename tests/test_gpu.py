@@ -180,7 +180,8 @@ def test_static_batch_engine_is_scored_with_a_padded_last_batch(tmp_path):
 
 def test_end_to_end_timing_of_a_real_engine(engine):
     """tools.e2e on a real engine: every stage timed, the loops run, and the whole frame costs more than inference."""
-    from tools.common import list_images, read_image
+    from tools.core.files import list_images
+    from tools.yolo.preprocess import read_image
     from tools.e2e import Thresholds, measure_engine
 
     path, _ = engine

@@ -16,12 +16,15 @@ from conftest import CALIB, MINI, MODEL, REPO, run_tool, tool_env
 
 import tools.pipeline as pipeline
 from tools.calib import select_images
-from tools.common import UserError, list_images, positive_number
+from tools.core.cli import positive_number
+from tools.core.errors import UserError
+from tools.core.files import list_images
+from tools.core.grid import UNSWEPT, expand, load_grid
+from tools.core.layout import Layout
+from tools.core.recipe import FIELDS, NAME, load, to_dict
 from tools.quantize import quantized_path, unmatched_exclusions
-from tools.recipe import FIELDS, NAME, load, to_dict
-from tools.records import Layout, clean
+from tools.records import clean
 from tools.summary import ran_results, summarize
-from tools.sweep import UNSWEPT, expand, load_grid
 
 INT8 = REPO / "recipes/yolo11n/int8-qdq.yaml"
 FP16 = REPO / "recipes/yolo11n/fp16.yaml"

@@ -12,12 +12,12 @@ import pytest
 from conftest import MODEL, REPO, run_tool
 from onnx import TensorProto, helper
 
-from tools import yolo_graph
-from tools.common import UserError
+from tools.core.errors import UserError
+from tools.core.recipe import load
 from tools.engine import onnx_nodes, resolve_layer_precisions
 from tools.export import check_detector, check_target, export_pt, load_model
-from tools.recipe import load
 from tools.sensitivity import block_groups
+from tools.yolo import graph as yolo_graph
 
 SIZES = ("yolo11s", "yolo11m")
 IMGSZ = 64
@@ -84,7 +84,7 @@ def test_recipes_are_the_yolo11n_ones_with_their_model(size):
 
 
 def test_speed_grids_time_the_references_as_yolo11n_does():
-    from tools.sweep import expand, load_grid
+    from tools.core.grid import expand, load_grid
 
     n = load_grid(REPO / "recipes/grids/yolo11n.yaml")
     for size in SIZES:
@@ -181,7 +181,7 @@ def test_static_size_must_match_the_strides():
 def test_stem_grid_leaves_only_the_first_convolution_in_float(exports, graphs):
     """recipes/grids/yolo11m-stem.yaml adds to int8-qdq's exclusions one regex, and it names the convolution that
     reads the images, nothing else (the images' Q/DQ goes with it)."""
-    from tools.sweep import expand, load_grid
+    from tools.core.grid import expand, load_grid
 
     g, _ = graphs["yolo11m"]
     points = {p.name: p for p in expand(load_grid(REPO / "recipes/grids/yolo11m-stem.yaml", REPO))}

@@ -10,8 +10,8 @@ import pytest
 from conftest import CALIB, MINI, REPO
 
 import tools.pipeline as pipeline
-from tools.common import UserError
-from tools.recipe import load
+from tools.core.errors import UserError
+from tools.core.recipe import load
 
 FP16 = REPO / "recipes/yolo11n/fp16.yaml"
 
@@ -171,7 +171,7 @@ def test_a_model_is_checked_before_any_work(tmp_path):
     line, before anything is quantized or built."""
     import onnx
 
-    from tools.yolo_graph import load as load_model
+    from tools.yolo.graph import load as load_model
 
     model = load_model(REPO / "models/yolo11/yolo11n.onnx")
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # batch 1 only

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import MINI, MODEL, REPO, run_tool
 
-from tools.common import COCO80_NAMES, list_images
+from tools.core.files import list_images
+from tools.yolo.decode import COCO80_NAMES
 
 FP16 = "recipes/yolo11n/fp16.yaml"
 

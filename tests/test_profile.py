@@ -1,16 +1,16 @@
 """tools.profile on real per-layer exports (YOLO11n, H200, TensorRT 8.6.1, level 1, static batch 32) and the
 fallback's profiling flags. Expected counts and sums are read off the raw files with regexes, not with the tool."""
 import gzip
-import sys
 import json
 import re
+import sys
 
 import pytest
 from conftest import REPO
 
-from tools.common import UserError
-from tools.profile import (assign_blocks, by_block, compare, load, profile_args, profile_table, read_layers,
-                           read_profile, report, short_format, totals)
+from tools.core.errors import UserError
+from tools.profile import assign_blocks, by_block, compare, load, profile_args, profile_table, read_layers, \
+    read_profile, report, short_format, totals
 from tools.trtexec_py import parse_flags, profile_records, profile_text
 
 DATA = REPO / "tests" / "data" / "profile"
@@ -222,7 +222,7 @@ def test_make_profile_reads_the_records_of_the_run(tmp_path):
     import shutil
 
     from tools.profile import from_records
-    from tools.records import Layout
+    from tools.core.layout import Layout
 
     layout = Layout("yolo11n", REPO, tmp_path)
     for name, stem in (("fp16", "fp16.b32.L1"), ("int8-qdq", "int8-qdq.b32.L1")):

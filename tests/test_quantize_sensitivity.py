@@ -6,8 +6,8 @@ import onnx
 import pytest
 from conftest import CALIB, REPO
 
+from tools.core.recipe import load
 from tools.quantize import activation_scales, quantize
-from tools.recipe import load
 from tools.sensitivity import block_groups, bypass_qdq
 
 
@@ -96,7 +96,7 @@ def test_latency_order_takes_free_blocks_first_then_gain_per_ms():
 
 
 def test_profile_without_the_recipe_column_is_a_one_line_error(tmp_path):
-    from tools.common import UserError
+    from tools.core.errors import UserError
     from tools.sensitivity import block_costs
 
     bad = tmp_path / "by-block.csv"
@@ -113,8 +113,8 @@ def test_concat_rewrite_is_exact_and_gives_concats_one_scale(quantized):
     import onnxruntime as ort
 
     from conftest import MINI
-    from tools.common import preprocess, to_input
-    from tools.qdq_rules import quantize_concat_inputs
+    from tools.yolo.preprocess import preprocess, to_input
+    from tools.yolo.qdq_rules import quantize_concat_inputs
 
     root, recipe, plain = quantized
     path = quantize(recipe.replace(name="concat", qdq_rewrites=["concat"]), "8.6", CALIB, root=root)
@@ -176,7 +176,7 @@ def test_layer_costs_come_from_the_per_layer_tables(quantized):
 
 
 def test_layer_costs_without_the_layer_tables_is_a_one_line_error(tmp_path):
-    from tools.common import UserError
+    from tools.core.errors import UserError
     from tools.sensitivity import layer_costs
 
     (tmp_path / "by-block.csv").write_text("block,ms_fp16,ms_int8-qdq\nmodel.0,0.1,0.05\n")

@@ -2,8 +2,9 @@
 import pytest
 from conftest import REPO
 
-from tools.common import UserError
-from tools.recipe import digest, from_dict, load
+from tools.core.errors import UserError
+from tools.core.files import digest
+from tools.core.recipe import from_dict, load
 from tools.trt_plan import plan
 
 RECIPES = sorted((REPO / "recipes" / "yolo11n").glob("*.yaml"))
@@ -64,7 +65,7 @@ def test_stage_settings_are_derived_from_the_fields():
     assert "calib_images" not in f.settings() and "calibration_method" not in f.settings()
     assert digest(f.settings()) == digest(f.replace(calib_images=7, calibration_method="max").settings())
     # every field either shapes a stage or is declared identity: a new key cannot be left out of the keys silently
-    from tools.recipe import Recipe
+    from tools.core.recipe import Recipe
     identity = {"name", "model", "description", "onnx", "notes", "profiles"}
     assert {n for n, fld in Recipe.model_fields.items() if not fld.json_schema_extra} == identity
 
@@ -105,7 +106,7 @@ def test_dump_round_trips_and_leaves_omitted_defaults_out(tmp_path):
     as in the recipe files, so a default recipe's YAML does not change when such a field is added."""
     import yaml
 
-    from tools.recipe import dump
+    from tools.core.recipe import dump
     base = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
     for recipe in (base, base.replace(qdq_rewrites=("concat",))):
         path = tmp_path / "r.yaml"

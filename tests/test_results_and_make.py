@@ -8,8 +8,10 @@ import sys
 import pytest
 from conftest import MINI, REPO
 
-from tools.records import Layout, eval_set
-from tools.summary import engine_rows, markdown, summarize
+from tools.core.files import eval_set
+from tools.core.layout import Layout
+from tools.core.record import engine_rows
+from tools.summary import markdown, summarize
 
 CONTRACT = {"name", "profile", "level", "batch", "latency_ms_p50", "latency_ms_p99", "throughput_ips", "map50_95",
             "map50", "engine_mb", "build_s"}
@@ -99,7 +101,7 @@ def test_committed_summary_is_a_published_table():
 def test_summary_reads_the_onnxrt_results_the_pipeline_writes(tmp_path):
     """The onnxrt stage's own result files (not hand-made ones) go through the summary's newest-result rule."""
     import tools.pipeline as pipeline
-    from tools.recipe import load
+    from tools.core.recipe import load
 
     s = pipeline.Setup(calib_dir=REPO / "calib/images", eval_dir=MINI, results=tmp_path, eval_limit=2)
     point = pipeline.Point(load(REPO / "recipes/yolo11n/fp16.yaml"), s)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import CALIB, MINI, MODEL, REPO, run_tool, start_tool, tool_env
 
-from tools.common import UserError, sha256_file
+from tools.core.errors import UserError
+from tools.core.files import sha256_file
 
 
 def one_line_error(res, *words):
@@ -48,7 +49,7 @@ def eval_set(tmp_path, annotations, images=4) -> Path:
 # 1. ModelOpt works on a private copy of the model
 def test_modelopt_never_touches_the_users_onnx(tmp_path):
     from tools.quantize import quantize
-    from tools.recipe import load
+    from tools.core.recipe import load
 
     user = tmp_path / "mine" / "yolo11n.onnx"
     user.parent.mkdir()
@@ -78,8 +79,8 @@ def test_sigterm_during_modelopt_leaves_the_model_alone(tmp_path):
     shutil.copy(MODEL, user)
     before = sha256_file(user), user.stat().st_mtime_ns
     root = tmp_path / "root"
-    quantize_run = (f"from pathlib import Path; from tools.common import run_main; from tools.quantize import quantize; "
-                    f"from tools.recipe import load; run_main(lambda argv: quantize(load({str(REPO / 'recipes/yolo11n/int8-qdq.yaml')!r})"
+    quantize_run = (f"from pathlib import Path; from tools.core.errors import run_main; from tools.quantize import quantize; "
+                    f"from tools.core.recipe import load; run_main(lambda argv: quantize(load({str(REPO / 'recipes/yolo11n/int8-qdq.yaml')!r})"
                     f".replace(calib_images=4, onnx={str(user)!r}), '8.6', {str(CALIB)!r}, root=Path({str(root)!r})))")
     proc = subprocess.Popen([sys.executable, "-c", quantize_run], cwd=REPO, env=tool_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -107,7 +108,7 @@ def test_sigterm_during_modelopt_leaves_the_model_alone(tmp_path):
 
 def test_damaged_calibration_tensor_named_before_modelopt(tmp_path):
     from tools.quantize import calibration_name, quantize
-    from tools.recipe import load
+    from tools.core.recipe import load
 
     root = tmp_path / "root"
     recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
@@ -127,7 +128,7 @@ def test_damaged_calibration_tensor_named_before_modelopt(tmp_path):
 def test_quantize_refuses_what_is_no_model(tmp_path, content, words):
     """A 0-byte model is what an interrupted in-place rewrite used to leave behind."""
     from tools.quantize import quantize
-    from tools.recipe import load
+    from tools.core.recipe import load
 
     model = tmp_path / "yolo11n.onnx"
     model.write_bytes(content)
@@ -261,7 +262,7 @@ def test_compare_with_missing_polygraphy_command(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Every flag and make knob a message names exists
-OWNED = ["tools/evaluate.py", "tools/calib.py", "tools/compare.py", "tools/common.py", "tools/quantize.py",
+OWNED = ["tools/evaluate.py", "tools/calib.py", "tools/compare.py", "tools/core/files.py", "tools/quantize.py",
          "tools/ultralytics_engine.py"]
 
 
@@ -271,7 +272,7 @@ def test_messages_name_only_real_flags_and_knobs():
     makefile = (REPO / "Makefile").read_text()
     knobs = set(re.findall(r"^([A-Z_]+)\s*\?=", makefile, re.M))
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
-    flags = {f for p in (REPO / "tools").glob("*.py")
+    flags = {f for p in (REPO / "tools").rglob("*.py")
              for f in re.findall(r"add_argument\([^)]*?\"(--[a-z][a-z0-9-]*)\"", p.read_text())}
     for name in OWNED:
         text = (REPO / name).read_text()

@@ -65,7 +65,7 @@ def test_the_tool_writes_both_tables_and_keeps_committed_ones(tmp_path):
     lines = (tmp_path / "sizes.md").read_text().splitlines()
     assert sum(line.startswith("| yolo11") for line in lines) == 4
     assert [r["model"] for r in csv.DictReader(open(tmp_path / "sizes.csv"))] == ["yolo11n"] * 2 + ["yolo11s"] * 2
-    from tools.records import Layout
+    from tools.core.layout import Layout
     from tools.report import write_report
     report = write_report(Layout("yolo11n", REPO, tmp_path), 0.5).read_text()  # yolo11n's report shows the sizes
     assert "## INT8 over FP16 by model size" in report and "| yolo11s | random (speed only) | b32 | 32 | 3 |" in report

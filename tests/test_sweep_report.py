@@ -8,12 +8,14 @@ from conftest import CALIB, MINI, REPO
 
 import tools.pipeline as pipeline
 import tools.sweep as sweep
-from tools.common import UserError
-from tools.recipe import digest, load
-from tools.records import Layout
-from tools.report import Table, kendall_tau, select, write_report
-from tools.sweep import (earlier_runs, expand, front, load_grid, rebuild_table, run_seconds, run_sweep, shard,
-                         sweep_rows)
+from tools.core.errors import UserError
+from tools.core.files import digest
+from tools.core.grid import expand, load_grid
+from tools.core.layout import Layout
+from tools.core.recipe import load
+from tools.core.sweep_table import Table, sweep_rows
+from tools.report import kendall_tau, select, write_report
+from tools.sweep import earlier_runs, front, rebuild_table, run_seconds, run_sweep, shard
 
 
 def write_grid(tmp_path, design="one-at-a-time", extra=None, **top):
@@ -173,7 +175,7 @@ def test_front_is_pareto_per_profile():
 
 def test_pareto_keeps_ties_and_drops_the_dominated():
     """One rule for the sweep's front and the report's plots: two configurations measuring the same both stay."""
-    from tools.report import pareto
+    from tools.core.sweep_table import pareto
     pts = {"a": (0.8, 0.36), "twin": (0.8, 0.36), "b": (0.9, 0.35), "c": (0.7, 0.30), "d": (0.7, 0.29)}
     assert pareto(pts) == ["c", "a", "twin"]
 
@@ -289,8 +291,9 @@ def test_report_profile_section_reads_the_committed_by_block_table(tmp_path):
     import csv
     import shutil
 
-    from tools.records import Layout
-    from tools.report import Table, profile_section
+    from tools.core.layout import Layout
+    from tools.core.sweep_table import Table
+    from tools.report import profile_section
 
     src = REPO / "results/yolo11n/profile/b32-L3/by-block.csv"
     layout = Layout("yolo11n", tmp_path, tmp_path / "results")

@@ -18,9 +18,9 @@ import pytest
 from conftest import MINI, MODEL, REPO, run_tool
 from test_robustness import one_line_error
 
-from tools.common import UserError
-from tools.records import Layout
-from tools.recipe import load, to_dict
+from tools.core.errors import UserError
+from tools.core.layout import Layout
+from tools.core.recipe import load, to_dict
 from tools.ultralytics_engine import engine_bytes, from_records, metadata, read, write
 
 PAYLOAD = b"ftrt" + bytes(range(256)) * 64  # stands for a serialized engine: TensorRT plans open with a 4-letter tag
@@ -200,7 +200,7 @@ def test_through_ultralytics_the_copy_detects_what_the_onnx_model_does(tmp_path,
 
 def yolo_dataset(folder):
     """coco-mini as an ultralytics dataset (images/val, labels/val with class cx cy w h, data.yaml)."""
-    from tools.common import COCO80_TO_91
+    from tools.yolo.decode import COCO80_TO_91
 
     ann, to80 = json.loads((MINI / "annotations.json").read_text()), {c: i for i, c in enumerate(COCO80_TO_91)}
     images, rows = {i["id"]: i for i in ann["images"]}, {}

@@ -10,7 +10,9 @@ import re
 import shlex
 from pathlib import Path
 
-from tools.common import UserError, default_trtexec, run_main, write_text
+from tools.core.cli import default_trtexec
+from tools.core.errors import UserError, run_main
+from tools.core.files import write_text
 from tools.engine import run_logged, shape
 from tools.trtlog import parse_file, to_csv
 

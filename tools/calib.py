@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.common import UserError, atomic_path, image_size, list_images, non_negative_int, positive_int, preprocess, \
-    run_main, sha256_file, to_input, write_json
+from tools.core.cli import image_size, non_negative_int, positive_int
+from tools.core.errors import UserError, run_main
+from tools.core.files import atomic_path, file_digest, list_images, sha256_file, write_json
+from tools.yolo.preprocess import preprocess, to_input
 
 
 def select_images(files: list[Path], count: int, seed: int) -> list[Path]:
@@ -27,8 +29,7 @@ def check_disjoint(calib_files: list[Path], eval_dir) -> None:
     """Calibrating on evaluation images inflates every accuracy number: refuse any byte-identical overlap."""
     if eval_dir is None:
         return
-    from tools.records import file_digest  # digests cached per file: every run checks, not only the first
-
+    # digests cached per file: every run checks, not only the first
     eval_hashes = {file_digest(p): p for p in list_images(eval_dir)}
     for p in calib_files:
         h = file_digest(p)

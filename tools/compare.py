@@ -10,24 +10,26 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from polygraphy.json import save_json
 
-from tools.common import UserError, atomic_path, list_images, positive_int, preprocess, run_main, to_input, write_json
+from tools.core.cli import positive_int
+from tools.core.errors import UserError, run_main
+from tools.core.files import atomic_path, list_images, write_json
+from tools.yolo.preprocess import preprocess, to_input
 
 
 def default_polygraphy() -> list[str]:
-    import shutil
-
     return ["polygraphy"] if shutil.which("polygraphy") else [sys.executable, "-m", "tools.polygraphy_cli"]
 
 
 def write_inputs(image_dir, out, count: int, imgsz: int = 640) -> list[str]:
     """Polygraphy --load-inputs file: one feed dict per image, batch 1, real letterboxed images."""
-    from polygraphy.json import save_json
 
     files = list_images(image_dir)[:count]
     feeds = [{"images": to_input(preprocess(p, imgsz)[0][None])} for p in files]

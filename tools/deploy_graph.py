@@ -7,7 +7,7 @@ and, optionally, returns the detections.
     -> EfficientNMS_TRT -> num_dets [N, 1] int32, det_boxes [N, max_det, 4] (x1 y1 x2 y2), det_scores [N, max_det],
                            det_classes [N, max_det] int32
 
-Div(255), not Mul(1/255): the float tensor the original graph sees is bit-identical to tools.common.to_input's, the
+Div(255), not Mul(1/255): the float tensor the original graph sees is bit-identical to tools.yolo.preprocess.to_input's, the
 one every calibration tensor and every raw engine's input is made with. TensorRT fuses the cast, scale and layout change
 into the first convolution's input reformat.
 The graph is built from the ONNX the engine is built from: the FP32 model, or the ModelOpt Q/DQ model AFTER
@@ -28,8 +28,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+import onnx
 
-from tools.common import UserError, atomic_path, run_main
+from tools.core.errors import UserError, run_main
+from tools.core.files import atomic_path, digest, file_digest
+from tools.core.recipe import from_dict
 
 INPUT = "images"
 FLOAT_INPUT = "/deploy/images_float"  # the original graph's input, renamed: `images` is the uint8 one now
@@ -39,7 +43,6 @@ NHWC_TO_NCHW = (0, 3, 1, 2)
 
 
 def load(path):
-    import onnx
 
     try:
         return onnx.load(str(path))
@@ -55,7 +58,6 @@ def _dims(value_info) -> list:
 def fold_input(model, layout: str = "nhwc", source: str = "model"):
     """Give `model` (in place) a uint8 `images` input in `layout` (nhwc | nchw) that it casts, divides by 255 and
     transposes into its own float NCHW input."""
-    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     found = [i for i in graph.input if i.name == INPUT]
@@ -84,7 +86,6 @@ def fold_input(model, layout: str = "nhwc", source: str = "model"):
 def add_nms(model, conf: float, iou: float, max_det: int, source: str = "model"):
     """Replace `model`'s raw head output [N, 4 + classes, anchors] (in place) by EfficientNMS_TRT's four outputs:
     centre-size boxes, per-class NMS (as ultralytics' val: multi-label, classes kept apart), scores as they are."""
-    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     if len(graph.output) != 1 or len(_dims(graph.output[0])) != 3:
@@ -116,7 +117,7 @@ def add_nms(model, conf: float, iou: float, max_det: int, source: str = "model")
 
 
 def end_to_end(model, deploy, source: str = "model"):
-    """`model` (in place) as the recipe's `deploy` (tools.recipe.Deploy) says; its metadata records the settings."""
+    """`model` (in place) as the recipe's `deploy` (tools.core.recipe.Deploy) says; its metadata records the settings."""
     fold_input(model, deploy.layout, source)
     if deploy.nms is not None:
         add_nms(model, deploy.nms.conf, deploy.nms.iou, deploy.nms.max_det, source)
@@ -126,17 +127,13 @@ def end_to_end(model, deploy, source: str = "model"):
 
 
 def build(source, deploy, layout) -> Path:
-    """The end-to-end graph of `source` under tools.records.Layout `layout`, made once per source bytes and settings."""
-    from tools.records import file_digest
-    from tools.recipe import digest
-
+    """The end-to-end graph of `source` under tools.core.layout.Layout `layout`, made once per source bytes and settings."""
     source = Path(source)
     out = layout.deploy_onnx(source, digest({"source": file_digest(source), "deploy": deploy.model_dump()}))
     if out.is_file():
         return out
     model = end_to_end(load(source), deploy, str(source))
     with atomic_path(out) as tmp:
-        import onnx
 
         onnx.save(model, str(tmp))
     return out
@@ -160,8 +157,6 @@ def decode_nms(num_dets, boxes, scores, classes) -> list[np.ndarray]:
 
 
 def main(argv=None):
-    from tools.recipe import from_dict
-
     ap = argparse.ArgumentParser(prog="python -m tools.deploy_graph", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="the FP32 or Q/DQ detector ONNX an engine is built from")
@@ -176,7 +171,6 @@ def main(argv=None):
     deploy = from_dict({"name": "cli", "deploy": {"input": args.input, "nms": nms}}, "tools.deploy_graph flags").deploy
     model = end_to_end(load(args.model), deploy, args.model)
     with atomic_path(args.output) as tmp:
-        import onnx
 
         onnx.save(model, str(tmp))
     print(f"wrote {args.output}: input {INPUT} uint8 {deploy.layout.upper()}"

@@ -29,11 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from polygraphy import cuda
 
-from tools.common import UserError, import_tensorrt, letterbox, list_images, load_resized, positive_int, \
-    positive_number, postprocess, read_image, run_main, write_json
+from tools.core.cli import positive_int, positive_number
+from tools.core.errors import UserError, import_tensorrt, run_main
+from tools.core.files import list_images, write_json
+from tools.core.recipe import load
+from tools.core.record import now_utc
 from tools.deploy_graph import NMS_OUTPUTS, decode_nms
-from tools.records import now_utc
+from tools.pipeline import Point, add_setup_args, setup_from_args
+from tools.ultralytics_engine import engine_bytes
+from tools.yolo.decode import postprocess
+from tools.yolo.preprocess import letterbox, load_resized, read_image
 
 STAGES = ("letterbox", "normalise", "h2d", "infer", "d2h", "nms")
 H2D, D2H = 1, 2  # cudaMemcpyKind
@@ -54,7 +61,7 @@ DEPLOY = Thresholds(conf=0.25)
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: what the CPU does for each kind of engine input and output (no GPU needed; tested on the CPU)
 def letterbox_frame(frame: np.ndarray, imgsz: int) -> np.ndarray:
-    """A decoded BGR frame -> the letterboxed uint8 HWC BGR canvas, exactly as tools.common.preprocess makes it."""
+    """A decoded BGR frame -> the letterboxed uint8 HWC BGR canvas, exactly as tools.yolo.preprocess makes it."""
     canvas, _ = letterbox(load_resized(frame, imgsz), imgsz)
     return canvas
 
@@ -149,7 +156,6 @@ class Cuda:
     """The few CUDA runtime calls the loops need (ctypes on the runtime Polygraphy finds): no torch, no cuda-python."""
 
     def __init__(self):
-        from polygraphy import cuda
 
         self.rt = cuda.wrapper().handle
 
@@ -353,8 +359,6 @@ def loop_ips(lanes: list[Lane], frames, batch: int, imgsz: int, t: Thresholds, w
 def measure_engine(engine_path, batch: int, frames, imgsz: int, t: Thresholds, streams: int, warmup_s: float,
                    duration_s: float) -> dict:
     """Every measurement of one engine at one batch, in one process."""
-    from tools.ultralytics_engine import engine_bytes
-
     trt = import_tensorrt(f"timing {engine_path} end to end")
     logger = trt.Logger(trt.Logger.ERROR)
     trt.init_libnvinfer_plugins(logger, "")  # an end-to-end engine holds EfficientNMS_TRT
@@ -382,8 +386,6 @@ def decoded_frames(eval_dir, count: int) -> tuple[list[np.ndarray], int]:
 def measure(recipes, setup, frames_count: int = 64, streams: int = 2, warmup_s: float = 0.5,
             duration_s: float = 2.0, thresholds: Thresholds = Thresholds()) -> dict:
     """Every deployment profile of every recipe, measured end to end in one run (engines must be built)."""
-    from tools.pipeline import Point
-
     import_tensorrt("end-to-end timing (make e2e)")
     frames, images = decoded_frames(setup.eval_dir, frames_count)
     rows, env = [], None
@@ -429,9 +431,6 @@ def write(result: dict, layout) -> list[Path]:
 
 
 def main(argv=None):
-    from tools.pipeline import add_setup_args, setup_from_args
-    from tools.recipe import load
-
     ap = argparse.ArgumentParser(prog="python -m tools.e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="recipes whose engines to time (FP16 and INT8, raw and end to end)")

@@ -7,16 +7,17 @@ the same flags. Per-layer precisions are resolved from the recipe's regexes agai
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
-import subprocess
-import time
 from pathlib import Path
 
-from tools.common import UserError, atomic_path, default_trtexec, run_main
-from tools.recipe import Profile, Recipe, load
-from tools.trt_plan import Plan, detect_version, plan
+import onnx
+
+from tools.core.cli import default_trtexec, detect_version
+from tools.core.errors import UserError, run_main
+from tools.core.files import atomic_path, run_logged
+from tools.core.recipe import Profile, Recipe, load
+from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 
 INPUT = "images"
@@ -25,7 +26,6 @@ NO_LIBRARY_TACTICS = "-CUBLAS,-CUBLAS_LT,-CUDNN"
 
 def onnx_nodes(onnx_path) -> list[tuple[str, str]]:
     """(name, op_type) of every node, read without weights."""
-    import onnx
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -88,18 +88,6 @@ def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, ti
         args.append(f"--timingCacheFile={timing_cache}")
     args.append("--skipInference")
     return args
-
-
-def run_logged(cmd: list[str], log_path, env: dict | None = None) -> tuple[int, float]:
-    """Run `cmd` with its output into `log_path` (renamed into place even on failure: the log says why); `env`
-    adds variables (e.g. CUDA_VISIBLE_DEVICES) to this process's environment."""
-    t0 = time.perf_counter()
-    with atomic_path(log_path) as tmp, open(tmp, "w") as log:
-        log.write(f"# {shlex.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **env} if env else None).returncode
-    return rc, time.perf_counter() - t0
 
 
 def build(recipe: Recipe, profile: str, p: Plan, trtexec: list[str], onnx_path, engine_path, log_path,

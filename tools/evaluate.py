@@ -20,11 +20,20 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from faster_coco_eval import COCO, COCOeval_faster
+from polygraphy.backend.trt import TrtRunner
+from tqdm import tqdm
 
-from tools.common import COCO80_TO_91, UserError, image_size, import_tensorrt, list_images, positive_int, postprocess, \
-    preprocess, run_main, scale_boxes, to_input, write_json
-from tools.ultralytics_engine import engine_bytes
+from tools.core.cli import image_size, positive_int
+from tools.core.errors import UserError, import_tensorrt, run_main
+from tools.core.files import list_images, write_json
 from tools.deploy_graph import INPUT, NMS_OUTPUTS, PLUGIN, decode_nms, has_plugin
+from tools.ultralytics_engine import engine_bytes
+from tools.yolo.decode import COCO80_TO_91, postprocess, scale_boxes
+from tools.yolo.preprocess import preprocess, to_input
+from tools.yolo.qdq_fp16 import for_onnxruntime
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +73,6 @@ def _nms(args):
 
 class OnnxrtBackend(Backend):
     def __init__(self, onnx_path, threads: int | None = None):
-        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
@@ -98,10 +106,8 @@ def onnxruntime_reason(error: Exception) -> str:
 
 def onnxruntime_model(onnx_path) -> bytes | str:
     """What ONNX Runtime should load: the model itself, except that an FP16 Q/DQ flavour gets float32 QuantizeLinear
-    where this ONNX Runtime truncates float16 ones (tools/qdq_fp16.py; its scores collapse otherwise)."""
-    import onnx
+    where this ONNX Runtime truncates float16 ones (tools/yolo/qdq_fp16.py; its scores collapse otherwise)."""
 
-    from tools.qdq_fp16 import for_onnxruntime
 
     try:
         model = onnx.load(str(onnx_path))
@@ -128,7 +134,6 @@ class TrtBackend(Backend):
         if not Path(engine_path).is_file():
             raise UserError(f"{engine_path}: no such engine; build it first (make engine)")
         trt = import_tensorrt(f"scoring {engine_path}")
-        from polygraphy.backend.trt import TrtRunner
 
         logger = trt.Logger(trt.Logger.ERROR)
         trt.init_libnvinfer_plugins(logger, "")  # an end-to-end engine holds EfficientNMS_TRT
@@ -224,7 +229,6 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
             prep_cache: dict | None = None) -> list[dict]:
     """Detections of every image in COCO results format. `prep_cache` keeps preprocessed images between calls
     (a sweep scores every configuration on the same images)."""
-    from tqdm import tqdm
 
     imap = pool.imap if pool else map
     cache = {} if prep_cache is None else prep_cache
@@ -245,7 +249,6 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
 def coco_stats(coco_gt, detections, image_ids=None) -> tuple[float, float]:
     """COCOeval bbox (mAP50-95, mAP50) of `detections` (COCO results format, not empty) over `image_ids` (default:
     every image of `coco_gt`); COCOeval's printout swallowed."""
-    from faster_coco_eval import COCOeval_faster
 
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox", print_function=lambda *_: None)
@@ -327,7 +330,6 @@ def read_exact_ids(exact_file: Path) -> set[int]:
 
 
 def load_ground_truth(image_dir, annotations=None):
-    from faster_coco_eval import COCO
 
     files = list_images(image_dir)
     if annotations is None:

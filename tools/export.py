@@ -1,7 +1,7 @@
 """Get a checked YOLO11 detection ONNX: export a `.pt` (or a model `.yaml`) through ultralytics, or take an ONNX.
 
 Either way the model is checked for the detector layout (input [N,3,H,W], output [N,4+classes,anchors]), for a
-YOLO11 Detect head (tools/yolo_graph.py) and with onnx.checker; an exported model is also run in ONNX Runtime and
+YOLO11 Detect head (tools/yolo/graph.py) and with onnx.checker; an exported model is also run in ONNX Runtime and
 compared with PyTorch. Exports have dynamic batch/height/width like the shipped yolo11n.onnx (engines are built with
 explicit shapes). A model .yaml (ultralytics ships yolo11n/s/m/l/x.yaml) gives random weights, seeded, so two
 exports are byte-identical; its ONNX is marked `weights: random (...)` in its metadata: speed only, no accuracy.
@@ -16,15 +16,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-from tools import yolo_graph
-from tools.common import UserError, atomic_path, run_main, sha256_file
+from tools.core.errors import UserError, run_main
+from tools.core.files import atomic_path, sha256_file
+from tools.yolo import graph as yolo_graph
 
 
 def check_detector(onnx_path) -> dict:
-    """The YOLO11 detector layout and Detect head, then onnx.checker; returns what tools.yolo_graph derives
+    """The YOLO11 detector layout and Detect head, then onnx.checker; returns what tools.yolo.graph derives
     (input_name, input, output, classes, imgsz, anchors, blocks, head, ...), random_weights and the opset."""
-    import onnx
 
     path = Path(onnx_path)
     model = yolo_graph.load(path)
@@ -54,10 +56,10 @@ def check_target(name: str, out: Path, random: bool) -> None:
 
 def load_model(pt, seed: int):
     """The ultralytics model of a .pt, or of a model .yaml with its random initialisation seeded."""
-    import torch
+    import torch  # optional: only exporting from a .pt needs torch and ultralytics (not the GPU side)
 
     os.environ.setdefault("YOLO_OFFLINE", "1")  # an export needs no network: keep ultralytics from probing for one
-    from ultralytics import YOLO
+    from ultralytics import YOLO  # optional: as torch
 
     random = str(pt).endswith((".yaml", ".yml"))
     if not random and not Path(pt).is_file():
@@ -85,7 +87,6 @@ def write_onnx(src: Path, out, note: str) -> None:
     several times with symbolic sizes that change from run to run. ONNX's inference also has to be complete here:
     ModelOpt runs it in place on the model it quantizes (onnx.shape_inference.infer_shapes_path), so a model without
     it is rewritten, and its digest changed, by its first quantization."""
-    import onnx
 
     model = onnx.load(str(src))
     del model.graph.value_info[:]
@@ -101,8 +102,7 @@ def write_onnx(src: Path, out, note: str) -> None:
 def export_pt(pt, out, imgsz=640, opset=17, dynamic=True, seed=0) -> float:
     """ultralytics export of `pt` (a .pt or a model .yaml) to `out`; returns the max |ONNX Runtime - PyTorch| on
     one input."""
-    import onnxruntime as ort
-    import torch
+    import torch  # optional: as in load_model
 
     model, random = load_model(pt, seed)
     check_target(Path(model.model.yaml.get("yaml_file", "")).stem, Path(out), random)

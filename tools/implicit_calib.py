@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from polygraphy.backend.trt import Calibrator, CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-from tools.common import atomic_path, import_tensorrt, run_main
+from tools.core.errors import import_tensorrt, run_main
+from tools.core.files import atomic_path
 
 
 def calibration_cache(onnx_path, npy, out, algorithm: str = "minmax", batch: int = 8) -> None:
     trt = import_tensorrt("TensorRT's implicit INT8 calibration")
-    from polygraphy.backend.trt import Calibrator, CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     data = np.load(npy, mmap_mode="r")
     size = data.shape[-1]

@@ -3,7 +3,7 @@
 CPU stages (per recipe): calib (calibration tensor), quantize (ModelOpt Q/DQ model), onnxrt (ONNX Runtime mAP of the
 model the engine starts from). GPU stages (per recipe and deployment profile, i.e. per engine): engine, bench,
 accuracy, and `layers` (per-layer profile, run by `make profile`, not by `all`).
-Every result is keyed by what it depends on (tools.records): an engine by the recipe's engine settings, its profile,
+Every result is keyed by what it depends on (tools/core/files.py, tools/core/recipe.py): an engine by the recipe's engine settings, its profile,
 the ONNX bytes, the TensorRT version and the GPU; its record also by the evaluation set's content. A stage whose
 result exists is skipped, so an interrupted run picks up where it stopped, and a changed input never reuses a result.
 A point (one recipe, one profile) is a self-contained job: recipe + inputs -> one record file, so points can run in
@@ -26,12 +26,26 @@ from typing import Callable
 
 import numpy as np
 
-from tools.common import REPO, UserError, builder_level, default_trtexec, non_negative_int, positive_int, \
-    positive_number, run_main
-from tools.engine import AVG_TIMING
-from tools.records import LOG_KEYS, RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
-from tools.recipe import Recipe, digest, load, to_dict
-from tools.trt_plan import Plan, detect_version, plan
+from tools.bench import bench
+from tools.calib import build_calibration, check_disjoint, select_images
+from tools.compare import compare
+from tools.core.cli import builder_level, default_trtexec, detect_version, non_negative_int, positive_int, \
+    positive_number
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, atomic_path, digest, eval_set, file_digest, list_images, run_logged
+from tools.core.layout import RUNS, Layout
+from tools.core.recipe import Recipe, load, to_dict
+from tools.core.record import LOG_KEYS, Record, now_utc, read_json
+from tools.deploy_graph import build as end_to_end_graph
+from tools.engine import build, input_layout
+from tools.evaluate import evaluate
+from tools.export import check_detector
+from tools.implicit_calib import calibration_cache
+from tools.profile import profile_engine
+from tools.quantize import calibration_name, modelopt_scratch, quantize, quantized_path
+from tools.trt_plan import Plan, plan
+from tools.trtexec_py import AVG_TIMING
+from tools.trtlog import parse_file
 
 GRAPH_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has collapsed: an error, not a result
@@ -39,7 +53,7 @@ COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has 
 
 def have_tensorrt() -> bool:
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 (optional: only the GPU side has TensorRT)
 
         return True
     except ImportError:
@@ -60,8 +74,6 @@ def gpu_name() -> str:
 @functools.lru_cache(maxsize=None)
 def model_facts(path: str, sha256: str) -> dict:
     """tools.export's detector check, once per model content in a process."""
-    from tools.export import check_detector
-
     return check_detector(path)
 
 
@@ -152,15 +164,12 @@ class Point:
 
     @cached_property
     def calib_npy(self) -> Path:
-        from tools.quantize import calibration_name
-
         return calibration_name(self.recipe, self.setup.calib_dir, self.setup.root)
 
     @cached_property
     def onnx(self) -> Path:
         """The ONNX this engine is built from on this TensorRT (quantized or converted as the plan says)."""
         if self.plan.onnx_kind == "qdq":
-            from tools.quantize import quantize
 
             return quantize(self.recipe, self.setup.version(), self.setup.calib_dir, self.setup.eval_dir,
                             self.setup.root)
@@ -174,9 +183,8 @@ class Point:
         model after quantization so that its scales are the raw recipe's (tools/deploy_graph.py says why)."""
         if self.recipe.deploy is None:
             return self.onnx
-        from tools.deploy_graph import build
 
-        return build(self.onnx, self.recipe.deploy, self.layout)
+        return end_to_end_graph(self.onnx, self.recipe.deploy, self.layout)
 
     @cached_property
     def gpu(self) -> str:
@@ -237,11 +245,6 @@ def autocast_fp16(point: Point) -> Path:
     """TensorRT 11 has no --fp16: bake FP16 into the ONNX with ModelOpt AutoCast (as Ultralytics 8.4 does). AutoCast
     keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
     random input fails on a dynamic-shape model); the model keeps FP32 inputs and outputs."""
-    from tools.calib import build_calibration
-    from tools.common import atomic_path
-    from tools.engine import run_logged
-    from tools.quantize import modelopt_scratch
-
     recipe, setup, layout = point.recipe, point.setup, point.layout
     source = point.model_onnx
     size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
@@ -267,8 +270,6 @@ def autocast_fp16(point: Point) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Stages. Each is (name, GPU or not, for which recipes, done?, run); the GPU ones write into the point's record.
 def calib_run(point: Point) -> None:
-    from tools.calib import build_calibration
-
     r = point.recipe
     build_calibration(point.setup.calib_dir, point.calib_npy, r.calib_images, r.calib_seed, r.imgsz,
                       point.setup.eval_dir)
@@ -279,8 +280,6 @@ def quantize_run(point: Point) -> None:
 
 
 def quantize_done(point: Point) -> bool:
-    from tools.quantize import quantized_path
-
     return quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root,
                           point.calib_npy.stem).is_file()
 
@@ -304,8 +303,6 @@ def onnxrt_path(point: Point, onnx: Path) -> Path:
 def onnxrt_score(point: Point, onnx: Path) -> dict:
     """ONNX Runtime mAP of `onnx` on the evaluation set at the recipe's image size, cached by content (model bytes,
     evaluation set, image size)."""
-    from tools.evaluate import evaluate
-
     out = onnxrt_path(point, onnx)
     if out.is_file():
         return read_json(out, "ONNX Runtime result")
@@ -342,7 +339,6 @@ def onnxrt_results(point: Point) -> list[Path]:
     exist now, found by their keys, without building anything: what a summary of the run shows."""
     wanted = [point.model_onnx]
     if point.plan.onnx_kind == "qdq":
-        from tools.quantize import quantized_path
 
         qdq = quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root, point.calib_npy.stem)
         wanted = [qdq, point.model_onnx] if qdq.is_file() else [point.model_onnx]
@@ -350,9 +346,6 @@ def onnxrt_results(point: Point) -> list[Path]:
 
 
 def engine_run(point: Point) -> None:
-    from tools.engine import build
-    from tools.trtlog import parse_file
-
     r, setup, layout = point.recipe, point.setup, point.layout
     log = layout.logs / f"{point.engine_stem}.build.log"
     cache = None
@@ -371,8 +364,6 @@ def engine_run(point: Point) -> None:
 
 
 def implicit_calibration(point: Point) -> Path:
-    from tools.implicit_calib import calibration_cache
-
     r, cache = point.recipe, point.implicit_cache
     if not cache.is_file():
         if not point.calib_npy.is_file():
@@ -402,9 +393,6 @@ def missing_timings(point: Point) -> list[tuple[int, bool]]:
 def bench_run(point: Point) -> None:
     """Time the engine at its profile's batches; rows of another timing protocol are replaced, so a record's
     timings always share one protocol."""
-    from tools.bench import bench
-    from tools.engine import input_layout
-
     setup, layout = point.setup, point.layout
     engine = layout.resolve(point.record.data["build"]["engine"])
     prefix = layout.logs / point.engine_stem
@@ -419,9 +407,6 @@ def bench_run(point: Point) -> None:
 
 
 def accuracy_run(point: Point) -> None:
-    from tools.compare import compare
-    from tools.evaluate import evaluate
-
     setup, layout, rec = point.setup, point.layout, point.record.data
     engine = layout.resolve(rec["build"]["engine"])
     if "accuracy" not in rec:
@@ -445,9 +430,6 @@ def accuracy_done(point: Point) -> bool:
 
 
 def layers_run(point: Point) -> None:
-    from tools.engine import input_layout
-    from tools.profile import profile_engine
-
     layout, rec = point.layout, point.record.data
     profile = point.recipe.profiles[point.profile]
     found = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
@@ -484,14 +466,6 @@ STAGE_TABLE = (
 STAGES = {s.name: s for s in STAGE_TABLE}
 STAGE_SETS = {"all": ("calib", "quantize", "onnxrt", "engine", "bench", "accuracy"),
               "cpu": ("calib", "quantize", "onnxrt"), "gpu": ("engine", "bench", "accuracy")}
-RESULT_STAGES = ("engine", "bench", "accuracy")  # what a finished point record holds: the result tables need them
-
-
-def has_all_stages(record: dict | None) -> bool:
-    """Whether a point's record holds the result of every stage the result tables are built from."""
-    return bool(record) and all(STAGES[s].record_key in record for s in RESULT_STAGES)
-
-
 def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print) -> list[dict]:
     """Run `stages` of one recipe (CPU stages once, GPU stages once per deployment profile); returns the records of
     the engines it touched."""
@@ -499,8 +473,6 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
     cpu = Point(recipe, setup)
     cpu.model_onnx  # the model is checked (a YOLO detector, batch sizes the profiles need) before any work
     if recipe.calibrated and stages:  # a tensor made earlier was checked against the evaluation set of then
-        from tools.calib import check_disjoint, select_images
-        from tools.common import list_images
 
         check_disjoint(select_images(list_images(setup.calib_dir), recipe.calib_images, recipe.calib_seed),
                        setup.eval_dir)

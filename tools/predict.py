@@ -19,10 +19,18 @@ import os
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+import onnx
 
-from tools.common import COCO80_NAMES, IMAGE_SUFFIXES, REPO, UserError, atomic_dir, builder_level, list_images, \
-    positive_int, preprocess_image, read_image, run_main, scale_boxes, write_json
+from tools.core.cli import builder_level, positive_int
+from tools.core.errors import UserError, run_main
+from tools.core.files import IMAGE_SUFFIXES, REPO, atomic_dir, list_images, write_json
+from tools.core.recipe import load
+from tools.evaluate import make_backend
+from tools.pipeline import Point, Setup, gpu_name, have_tensorrt, quantize_done
+from tools.yolo.decode import COCO80_NAMES, scale_boxes
+from tools.yolo.preprocess import preprocess_image, read_image
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -45,7 +53,6 @@ def read_source(source) -> tuple[str, list[Path] | Path]:
 def class_names(model) -> list[str]:
     """The class names an ultralytics ONNX export carries in its metadata, else COCO's 80."""
     if Path(model).suffix == ".onnx":
-        import onnx
 
         props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
         try:
@@ -59,8 +66,6 @@ def class_names(model) -> list[str]:
 
 def choose_model(recipe, setup, profile: str | None = None) -> tuple[Path, str]:
     """The recipe's model for this machine, and a note on the choice."""
-    from tools.pipeline import Point, gpu_name, have_tensorrt, quantize_done
-
     recipe = setup.adapt(recipe)
     if have_tensorrt() and gpu_name() != "unknown GPU":
         profile = profile or next(iter(recipe.profiles))
@@ -95,7 +100,6 @@ def color(class_id: int) -> tuple[int, int, int]:
 
 def annotate(image: np.ndarray, dets: list[dict]) -> np.ndarray:
     """A copy of the BGR image with each detection's box and `name score` label."""
-    import cv2
 
     out = image.copy()
     scale = max(0.4, min(out.shape[:2]) / 1000)
@@ -116,8 +120,6 @@ class Predictor:
     """A backend of tools.evaluate and the thresholds: BGR images in, detections in original pixels out."""
 
     def __init__(self, model, imgsz: int, conf: float, iou: float, max_det: int):
-        from tools.evaluate import make_backend
-
         self.backend = make_backend(model)
         self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
         self.batch = getattr(self.backend, "static_batch", None) or 8
@@ -133,7 +135,6 @@ class Predictor:
 
 
 def predict_images(predictor: Predictor, files: list[Path], out: Path) -> list[dict]:
-    import cv2
 
     results = []
     for start in range(0, len(files), predictor.batch):
@@ -150,7 +151,6 @@ def predict_images(predictor: Predictor, files: list[Path], out: Path) -> list[d
 def predict_video(predictor: Predictor, video: Path, out: Path) -> dict:
     """Every frame of `video`, annotated into <out>/<stem>.mp4 (or <out>/frames/*.jpg where OpenCV has no mp4
     encoder); returns the frames' detections."""
-    import cv2
 
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg quiet: a bad file gets our one line, not its log
     cap = cv2.VideoCapture(str(video))
@@ -232,9 +232,6 @@ def run(source, recipe, setup, model=None, profile=None, conf=0.25, iou=0.7, max
 
 
 def main(argv=None):
-    from tools.pipeline import Setup
-    from tools.recipe import load
-
     ap = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="an image, a folder of images or a video")

@@ -13,6 +13,7 @@ Usage: python -m tools.profile --layers A.layers.json --profile A.profile.json [
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import re
@@ -20,10 +21,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.common import UserError, atomic_path, run_main, write_text
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, atomic_path, write_text
+from tools.core.layout import Layout
+from tools.core.recipe import load as load_recipe
+from tools.core.record import bench_row, engine_id, newest_per, read_records
 from tools.engine import run_logged, shape
 from tools.trtlog import parse_file, to_csv
-from tools.yolo_graph import block_of
+from tools.yolo.graph import block_of
 
 # Layer kinds, in the order tables and plots show them. "none": TensorRT runs nothing (constants, elided copies).
 KINDS = ("conv", "matmul", "softmax", "pointwise", "pooling", "resize", "myelin", "shuffle", "reformat", "qdq",
@@ -503,11 +508,11 @@ PRECISION_COLORS = {"int8": "#55a868", "fp16": "#4c72b0", "fp32": "#c44e52", "mi
 def plot(engines: list[tuple[str, list[dict]]], path) -> None:
     """Stacked bars per block, the engines side by side (plain, hatched, ...): by kind (top) and by precision
     (bottom); above each block the first engine's time over each other's."""
-    import matplotlib
+    import matplotlib  # optional: not installed on the GPU side, where the layers stage measures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
+    from matplotlib.patches import Patch  # with pyplot
 
     tables = [(lab, {r["block"]: r for r in by_block(rows)}) for lab, rows in engines]
     blocks = sorted({b for _, t in tables for b in t}, key=block_order)
@@ -570,8 +575,6 @@ def side_by_side(engines: list[tuple[str, list[dict]]]) -> list[dict]:
 
 def read_by_block(path) -> dict[str, dict[str, str]]:
     """A by-block.csv that `report` wrote, as {block: its row} (the totals under "all"), values as written."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such profile table; write it with `make profile RECIPE=...`")
@@ -642,11 +645,6 @@ def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: in
 def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12) -> dict:
     """`make profile`: for each deployment profile, the recipes' engines side by side, read from the newest record of
     each recipe that holds a per-layer profile (the pipeline's `layers` stage), into <results>/<model>/profile/."""
-    from tools.common import REPO
-    from tools.records import Layout, engine_id, newest_per, read_records
-    from tools.recipe import load as load_recipe
-    from tools.summary import bench_row
-
     recipes = [load_recipe(p) for p in recipe_paths]
     layout = Layout(recipes[0].model, REPO, Path(results).resolve(), overwrite)
     found = newest_per((r for r in read_records(layout.points) if "layers" in r), engine_id)

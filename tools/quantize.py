@@ -4,16 +4,17 @@ Two ModelOpt runs, both logged with their exact command:
 1. calibrate: quantize everything on the calibration tensor and keep the activation scales as a TensorRT-format
    calibration cache. Scales depend only on the float model, the images and the method, so one cache serves
    every exclusion set (the expensive part runs once per method x image count, not once per sweep point).
-   The histogram methods (mse, percentile: tools/calibrators.py) write that cache themselves, for the tensors of
+   The histogram methods (mse, percentile: tools/yolo/calibrators.py) write that cache themselves, for the tensors of
    ModelOpt's max cache on the same images.
 2. quantize: apply the recipe (exclusions, high-precision dtype) with `--calibration_cache_path`.
 A JSON beside the model records the settings, the ModelOpt version, both commands and the node counts. An FP16
-flavour (high precision fp16) has its subnormal weight scales raised to FP16's smallest normal (tools/qdq_fp16.py).
+flavour (high precision fp16) has its subnormal weight scales raised to FP16's smallest normal (tools/yolo/qdq_fp16.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib.util
 import os
 import re
@@ -25,15 +26,20 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import onnx
+from onnx import numpy_helper
+
 from tools.calib import build_calibration, check_calibration, select_images
-from tools.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
-    save_histograms, scale_groups
-from tools.common import UserError, list_images, run_main, write_json, write_text
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, digest, file_digest, list_images, write_json, write_text
+from tools.core.layout import Layout
+from tools.core.recipe import Recipe, load
 from tools.engine import onnx_nodes, run_logged
-from tools.qdq_fp16 import clamp_weight_scales
-from tools.records import Layout, file_digest
-from tools.recipe import Recipe, digest, load
 from tools.trt_plan import plan
+from tools.yolo.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
+    save_histograms, scale_groups
+from tools.yolo.qdq_fp16 import clamp_weight_scales
+from tools.yolo.qdq_rules import apply
 
 MODELOPT = [sys.executable, "-m", "modelopt.onnx.quantization"]
 
@@ -63,8 +69,6 @@ def calibration_npy(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
 
 def activation_scales(qdq_onnx) -> dict[str, float]:
     """{activation tensor: scale} of every QuantizeLinear whose input is not a weight."""
-    import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(qdq_onnx))
     inits = {i.name: i for i in model.graph.initializer}
@@ -158,7 +162,6 @@ def histogram_calibrate(recipe: Recipe, cache: Path, calib_dir, eval_dir, root: 
     """Write `cache` with mse or percentile scales. The tensors are those of ModelOpt's max cache on the same images;
     their histograms are collected once per (model, images) and kept beside the calibration tensor, so every
     histogram method and percentile after the first costs seconds."""
-    import onnx
 
     start = time.time()
     tensors = read_cache(calibrate(recipe.replace(calibration_method="max"), calib_dir, eval_dir, root))
@@ -207,14 +210,12 @@ def node_counts(model) -> dict:
 
 
 def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], dict[str, list[str]], dict]:
-    """ModelOpt's output finished, in the file: the recipe's Q/DQ placement `rewrites` (tools/qdq_rules.py),
+    """ModelOpt's output finished, in the file: the recipe's Q/DQ placement `rewrites` (tools/yolo/qdq_rules.py),
     value_info sorted by name (ModelOpt's FP16 conversion lists them in a different order from run to run, so two
     machines made different bytes of the same model), and for the FP16 flavour, subnormal weight scales raised to
-    FP16's smallest normal (tools/qdq_fp16.py). Returns the scales raised, {rewrite: nodes it changed} and the
+    FP16's smallest normal (tools/yolo/qdq_fp16.py). Returns the scales raised, {rewrite: nodes it changed} and the
     finished model's node_counts."""
-    import onnx
 
-    from tools.qdq_rules import apply
 
     model = onnx.load(str(qdq_onnx))
     rewritten = apply(model, rewrites)
@@ -229,8 +230,6 @@ def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], 
 def unmatched_exclusions(onnx_path, patterns) -> list[str]:
     """A warning for each nodes_to_exclude regex that matches no node (ModelOpt re.match-es node names and says
     nothing of a typo, so the node would be quantized after all), naming the node names nearest to it."""
-    import difflib
-
     names = [name for name, _ in onnx_nodes(onnx_path)]
     return [f"nodes_to_exclude {p!r} matches no node of {onnx_path} (ModelOpt matches from the start of the name); "
             f"nearest: {', '.join(difflib.get_close_matches(p, names, n=3, cutoff=0))}"
@@ -245,8 +244,6 @@ def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str)
 
 def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: Path | None = None) -> Path:
     """Quantize `recipe` for TensorRT `trt_version`; returns the Q/DQ model (reused when already made)."""
-    from tools.common import REPO
-
     root = root or REPO
     if not recipe.quantized:
         raise UserError(f"recipe {recipe.name!r}: precision {recipe.precision} has no ModelOpt step")
@@ -278,7 +275,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
                             f"read the log's last lines")
         raised, rewritten, counts = finish_qdq_model(result, hp_dtype, recipe.qdq_rewrites)
         os.replace(result, out)
-    import modelopt
+    import modelopt  # optional: only the CPU side has it (checked above before any work)
 
     command = " ".join(cmd[2:]).replace(str(model), str(recipe.onnx_path)).replace(str(result), str(out))
     write_json(out.with_suffix(".json"), {

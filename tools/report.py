@@ -11,67 +11,24 @@ Ultralytics recipes. Where the sweep screened at a cheaper level, the report sho
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 from pathlib import Path
 
-from tools.common import REPO, UserError, atomic_path, non_negative_number, run_main
-from tools.records import RUNS, Layout, read_json
+from tools.core.cli import non_negative_number
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, atomic_path
+from tools.core.grid import load_grid
+from tools.core.layout import RUNS, Layout
+from tools.core.recipe import dump, from_dict
+from tools.core.record import read_json
+from tools.core.sweep_table import Table, best, p99, pareto, selection_map
+from tools.profile import read_by_block
+from tools.sizes import markdown, size_table
 from tools.summary import fmt
 
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
-
-
-def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names on the Pareto front of {name: (cost, mAP)} (lower cost, higher mAP), cheapest first: no other point
-    is at least as cheap and as accurate without being the same pair."""
-    return sorted((c for c, (cost, m) in points.items()
-                   if not any(oc <= cost and om >= m and (oc, om) != (cost, m) for oc, om in points.values())),
-                  key=lambda c: points[c])
-
-
-def best(row: dict, field: str) -> float:
-    """The faster of the CUDA-graph and plain timings of a row (a deployment picks the better one)."""
-    values = [v for v in (row.get(field), row.get(f"{field}_cuda_graph")) if v is not None]
-    return (min if field.startswith("latency") else max)(values)
-
-
-def p99(row: dict) -> float | None:
-    """p99 of the mode (CUDA graph or not) whose median `best` reports."""
-    graph = row.get("latency_ms_p50_cuda_graph")
-    if graph is not None and graph <= row["latency_ms_p50"]:
-        return row.get("latency_ms_p99_cuda_graph")
-    return row.get("latency_ms_p99")
-
-
-def selection_map(row: dict, half: str = "a") -> float:
-    """The mAP the rule reads: half A of the evaluation images where the record has halves, else all of them."""
-    return row.get(f"map50_95_{half}", row["map50_95"])
-
-
-class Table:
-    """The sweep's rows by (level, profile, batch, config), with the latency and throughput profiles named."""
-
-    def __init__(self, rows: list[dict], final_level: int | None = None):
-        if not rows:
-            raise UserError("the sweep table has no rows; run `make sweep` first")
-        self.rows = rows
-        self.levels = sorted({r["level"] for r in rows})
-        self.final = final_level if final_level in self.levels else self.levels[-1]
-        sizes = {r["profile"]: r["batch"] for r in sorted(rows, key=lambda r: r["batch"])}
-        self.latency_profile = min(sizes, key=lambda p: min(r["batch"] for r in rows if r["profile"] == p))
-        self.throughput_profile = max(sizes, key=lambda p: max(r["batch"] for r in rows if r["profile"] == p))
-        self.small = min(r["batch"] for r in rows if r["profile"] == self.latency_profile)
-        self.large = max(r["batch"] for r in rows if r["profile"] == self.throughput_profile)
-
-    def at(self, level: int, profile: str, batch: int) -> dict[str, dict]:
-        return {r["config"]: r for r in self.rows if r["level"] == level and r["profile"] == profile
-                and r["batch"] == batch}
-
-    def latency(self, level=None) -> dict[str, dict]:
-        return self.at(self.final if level is None else level, self.latency_profile, self.small)
-
-    def throughput(self, level=None) -> dict[str, dict]:
-        return self.at(self.final if level is None else level, self.throughput_profile, self.large)
 
 
 def select(table: Table, budget: float) -> dict:
@@ -186,10 +143,10 @@ def screening_section(table: Table, screen_level: int | None) -> list[str]:
 
 
 def pareto_plot(table: Table, at: dict[str, dict], field: str, out: Path, title: str, xlabel: str, layout: Layout):
-    import matplotlib
+    import matplotlib  # optional: not installed on the GPU side
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     xy = {c: (best(r, field), r["map50_95"] * 100) for c, r in at.items()}
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -228,9 +185,6 @@ def all_configurations(table: Table, level: int, profile: str, batch: int) -> st
 def recorded_command(layout: Layout, rec: dict) -> str:
     """The build command the record's log begins with, as a trtexec user would type it: the fallback named trtexec,
     the run's own paths (a GPU machine's scratch folders) replaced by the record's."""
-    import re
-    import shlex
-
     log = layout.resolve(rec["build"]["log"])
     if not log.is_file():
         return "(build log not kept)"
@@ -293,8 +247,6 @@ def cost(sweep: dict) -> str:
 
 def profile_section(layout: Layout, table: Table) -> list[str]:
     """Where INT8 loses its 2x at the throughput profile, from `make profile`'s by-block table, where it exists."""
-    from tools.profile import read_by_block
-
     folder = layout.out / "profile" / f"{table.throughput_profile}-L{table.final}"
     if not (folder / "by-block.csv").is_file():
         return []
@@ -320,8 +272,6 @@ def profile_section(layout: Layout, table: Table) -> list[str]:
 
 def sizes_section(layout: Layout) -> list[str]:
     """INT8 over FP16 by model size (tools.sizes), where the results root holds other models' sweeps too."""
-    from tools.sizes import markdown, size_table
-
     if len(list(layout.results.glob("*/sweep.json"))) < 2:
         return []
     try:
@@ -335,8 +285,6 @@ def sizes_section(layout: Layout) -> list[str]:
 
 def unmeasured_references(sweep: dict, table: Table) -> str:
     """' Not measured at level L: ...' for the grid's references the run ended before measuring at the final level."""
-    from tools.sweep import load_grid
-
     try:
         refs = [r.name for r in load_grid(sweep["grid"]).references]
     except (UserError, KeyError):  # the grid moved or changed since: nothing to name
@@ -386,7 +334,6 @@ def write_report(layout: Layout, budget: float) -> Path:
     md += selection_section(table, choice)
     deployed = choice["latency"] or "fp16"
     rec = read_json(next(layout.points.glob(f"*.{table.latency()[deployed]['key']}.json")))
-    from tools.recipe import dump, from_dict
 
     layout.write_text(out / "chosen.yaml", f"# chosen by `make report` (rule in REPORT.md); copy to recipes/{model}/ "
                                            f"to rebuild\n" + dump(from_dict(rec["recipe"])))

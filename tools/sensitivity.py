@@ -29,13 +29,25 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from faster_coco_eval import COCO
+from tqdm import tqdm
 
-from tools import yolo_graph
 from tools.calib import select_images
-from tools.common import REPO, UserError, list_images, non_negative_number, positive_int, positive_number, \
-    postprocess, preprocess, run_main, to_input
-from tools.records import Layout, read_json
-from tools.recipe import load
+from tools.core.cli import non_negative_number, positive_int, positive_number
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, list_images
+from tools.core.layout import Layout
+from tools.core.recipe import load
+from tools.core.record import read_json
+from tools.evaluate import coco_stats, onnxruntime_model
+from tools.profile import read_by_block
+from tools.quantize import quantize
+from tools.yolo import graph as yolo_graph
+from tools.yolo.decode import postprocess
+from tools.yolo.preprocess import preprocess, to_input
+from tools.yolo.qdq_fp16 import for_onnxruntime
 
 
 def block_groups(node_names) -> dict[str, str]:
@@ -82,8 +94,6 @@ def profile_block(label: str) -> str:
 def block_costs(csv_path, recipe: str) -> dict[str, float]:
     """{profile block: ms it adds when it runs in FP16 rather than as in `recipe`'s engine}: its time in the FP16
     engine minus its time in the recipe's engine (by-block.csv of `make profile`); negative where FP16 is faster."""
-    from tools.profile import read_by_block
-
     path = Path(csv_path)
     rows = read_by_block(path)  # a missing table is its one-line error
     column = f"ms_{recipe}"
@@ -133,7 +143,6 @@ def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]
 
 def bypass_qdq(model, pattern: str):
     """Copy of `model` where nodes matching `pattern` read the tensors their Q/DQ pairs quantized, in float."""
-    import onnx
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -156,11 +165,8 @@ class Proxy:
         self.gt = self._coco_gt([d[d[:, 4] >= ref_conf] for d in ref])
 
     def detect(self, model) -> list[np.ndarray]:
-        import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
-        from tools.evaluate import onnxruntime_model
-        from tools.qdq_fp16 import for_onnxruntime
 
         src = onnxruntime_model(model) if isinstance(model, (str, Path)) else \
             for_onnxruntime(model).SerializeToString()
@@ -170,7 +176,6 @@ class Proxy:
         return [postprocess(p) for p in out]
 
     def _coco_gt(self, dets):
-        from faster_coco_eval import COCO
 
         anns = [{"id": 1 + j + 1000 * i, "image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
                  "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0}
@@ -183,8 +188,6 @@ class Proxy:
         return gt
 
     def score(self, model) -> float:
-        from tools.evaluate import coco_stats
-
         res = [{"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
                for i, d in enumerate(self.detect(model)) for x1, y1, x2, y2, s, c in d.tolist()]
         return coco_stats(self.gt, res)[0] if res else 0.0
@@ -198,10 +201,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     images with the same unit (changing only the target or the group budget costs a few evaluations, not a full pass).
     `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
     `profile`: a by-block.csv of `make profile`; groups are then chosen by gain per millisecond within `ms_budget`."""
-    import onnx
-    from tqdm import tqdm
 
-    from tools.quantize import quantize
 
     recipe = load(recipe_path)
     costs = block_costs(profile, recipe.name) if profile else None  # a wrong profile fails before the long work

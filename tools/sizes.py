@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.common import UserError, run_main, write_text
+from tools.core.errors import UserError, run_main
+from tools.core.files import write_text
+from tools.core.layout import RUNS, Layout, guard
+from tools.core.record import read_json
+from tools.core.sweep_table import Table, best
 from tools.profile import read_by_block
-from tools.records import RUNS, Layout, guard, read_json
-from tools.report import Table, best
 from tools.trtlog import parse_file, to_csv
 
 COLUMNS = {"model": "model", "weights": "weights", "profile": "profile", "batch": "batch", "level": "level",

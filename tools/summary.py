@@ -12,67 +12,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.common import REPO, run_main
-from tools.records import Layout, engine_id, eval_set, newest_per, read_json, read_records
+from tools.core.errors import run_main
+from tools.core.files import REPO, eval_set
+from tools.core.layout import Layout
+from tools.core.recipe import load
+from tools.core.record import engine_records, engine_rows, newest_per, read_json, read_records
+from tools.pipeline import Point, add_setup_args, check_names, onnxrt_results, setup_from_args
 from tools.trtlog import to_csv
+from tools.yolo.graph import is_random_weights
 
 
-def bench_row(rec: dict, batch: int, graph: bool) -> dict | None:
-    return next((b for b in rec["bench"] if b["batch"] == batch and b["cuda_graph"] == graph), None)
-
-
-def engine_rows(rec: dict) -> list[dict]:
-    """One row per timed batch of an engine record; a sweep may time CUDA graphs only (`cuda_graph` says which run
-    the main timing columns are)."""
-    rows = []
-    for batch in sorted({b["batch"] for b in rec["bench"]}):
-        plain, graph = bench_row(rec, batch, False), bench_row(rec, batch, True)
-        base = plain or graph
-        acc = rec["accuracy"]
-        row = {"name": rec["name"], "profile": rec["profile"]["name"], "level": rec["level"], "batch": batch,
-               "gpu": rec["gpu"], "tensorrt": rec["trt_version"], "cuda_graph": plain is None,
-               "latency_ms_p50": base["latency_ms_p50"], "latency_ms_p99": base["latency_ms_p99"],
-               "throughput_ips": base["throughput_ips"], "map50_95": acc["map50_95"], "map50": acc["map50"],
-               "engine_mb": rec["build"]["engine_mb"], "build_s": rec["build"]["build_s"]}
-        if plain and graph:
-            row.update(latency_ms_p50_cuda_graph=graph["latency_ms_p50"],
-                       latency_ms_p99_cuda_graph=graph["latency_ms_p99"], throughput_ips_cuda_graph=graph["throughput_ips"])
-        if "exact" in acc:
-            row.update(exact_map50_95=acc["exact"]["map50_95"], exact_map50=acc["exact"]["map50"])
-        for half, scores in acc.get("halves", {}).items():
-            row[f"map50_95_{half}"] = scores["map50_95"]
-        row.update(gpu_mem_mib=base.get("gpu_mem_mib"), polygraphy_passed=rec.get("compare", {}).get("passed"),
-                   polygraphy_min_atol=rec.get("compare", {}).get("min_required_atol"))
-        rows.append(row)
-    return rows
-
-
-def settings_of(rec: dict) -> dict | None:
-    """The settings (Recipe.settings) of the recipe a record was made from; None for one this schema cannot read."""
-    from tools.common import UserError
-    from tools.recipe import from_dict
-
-    try:
-        return from_dict(rec.get("recipe")).settings()
-    except UserError:
-        return None
-
-
-def engine_records(layout: Layout, names, eval_key: str | None, recipes: dict | None = None) -> list[dict]:
-    """Finished engine records of these recipes (on this evaluation set, unless `eval_key` is None; made with
-    exactly these settings where `recipes` maps names to their Recipe.settings()): the newest per (recipe, profile,
-    level), in the order of `names`."""
-    from tools.pipeline import has_all_stages
-
-    found = [rec for rec in read_records(layout.points) if has_all_stages(rec) and rec["name"] in names
-             and (eval_key is None or rec.get("eval", {}).get("key") == eval_key)
-             and (recipes is None or settings_of(rec) == recipes[rec["name"]])]
-    order = {n: i for i, n in enumerate(names)}
-    return sorted(newest_per(found, engine_id).values(),
-                  key=lambda r: (order[r["name"]], r["level"], r["profile"]["min"]))
-
-
-def onnxrt_results(layout: Layout, eval_key: str) -> dict[str, dict]:
+def newest_onnxrt(layout: Layout, eval_key: str) -> dict[str, dict]:
     """ONNX Runtime results on this evaluation set, the newest per kind (fp32 or the recipe's Q/DQ model)."""
     found = [res for res in read_records(layout.onnxrt) if res.get("eval", {}).get("key") == eval_key]
     return newest_per(found, lambda res: res["kind"])
@@ -142,8 +92,6 @@ def ran_results(recipes, setup) -> dict:
     """What summarize's `ran` takes, for recipes as `setup` runs them (Setup.adapt): each one's settings (what its
     records' keys hash; a changed description still names the same engine) and the ONNX Runtime result files of its
     run, found by their keys."""
-    from tools.pipeline import Point, onnxrt_results
-
     return {r.name: (r.settings(), onnxrt_results(Point(r, setup))) for r in recipes}
 
 
@@ -155,7 +103,7 @@ def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None
     records = engine_records(layout, names, ev["key"], ran and {n: r for n, (r, _) in ran.items()})
     first = records[0] if records else {}
     if ran is None:
-        onnxrt = onnxrt_results(layout, ev["key"])
+        onnxrt = newest_onnxrt(layout, ev["key"])
     else:
         onnxrt = {res["kind"]: res for _, paths in ran.values() for res in map(read_json, paths)}
     return {"model": layout.model, "eval": {"dir": str(eval_dir), "images": ev["count"], "key": ev["key"]},
@@ -168,10 +116,6 @@ def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None
 
 
 def main(argv=None):
-    from tools.pipeline import add_setup_args, check_names, setup_from_args
-    from tools.recipe import load
-    from tools.yolo_graph import is_random_weights
-
     ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")

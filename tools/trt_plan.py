@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from tools.common import UserError, run_main
-from tools.recipe import Recipe, load
-
-DEFAULT_TRT = "10"  # what a user most likely runs when no TensorRT is installed here to ask
-
+from tools.core.cli import detect_version
+from tools.core.errors import UserError, run_main
+from tools.core.recipe import Recipe, load
 
 @dataclass(frozen=True)
 class Plan:
@@ -63,16 +61,6 @@ def plan(recipe: Recipe, version: str) -> Plan:
             notes.append("TensorRT 11 is strongly typed: layer_precisions ignored (exclude the nodes in ModelOpt)")
         return Plan(major, "qdq", "fp16", ("--stronglyTyped",), False, False, tuple(notes))
     return Plan(major, "qdq", dtype, ("--fp16", "--int8"), True, False, tuple(notes))
-
-
-def detect_version() -> str:
-    """The installed TensorRT's version, else DEFAULT_TRT (quantizing on a machine without TensorRT)."""
-    try:
-        import tensorrt
-
-        return tensorrt.__version__
-    except ImportError:
-        return DEFAULT_TRT
 
 
 def main(argv=None):

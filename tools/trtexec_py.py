@@ -12,11 +12,14 @@ import json
 import os
 import sys
 import time
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import numpy as np
+from polygraphy import cuda
 
-from tools.common import UserError, atomic_path, import_tensorrt, run_main
+from tools.core.errors import UserError, import_tensorrt, run_main
+from tools.core.files import atomic_path
 from tools.ultralytics_engine import engine_bytes
 
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
@@ -200,7 +203,6 @@ class Fallback:
 
     # --- inference --------------------------------------------------------------------------------------------
     def infer(self, plan: bytes):
-        from polygraphy import cuda
 
         trt, o = self.trt, self.opts
         runtime = trt.Runtime(self.logger)
@@ -498,8 +500,6 @@ class BuildServer:
         return rc, lines
 
     def serve(self, address: str) -> None:
-        from multiprocessing.connection import Listener
-
         print(f"trtexec_py build server on {address} ({self.name})", flush=True)
         with Listener(address, family="AF_UNIX") as listener:
             while True:
@@ -530,16 +530,12 @@ def tensorrt_build_server() -> BuildServer:
 
 
 def stop_server(address: str) -> None:
-    from multiprocessing.connection import Client
-
     with Client(address, family="AF_UNIX") as conn:
         conn.send(None)
 
 
 def build_on_server(address: str, argv: list[str]) -> int | None:
     """Send a build to the server at `address`; its exit code, or None when no server answers (build here)."""
-    from multiprocessing.connection import Client
-
     try:
         conn = Client(address, family="AF_UNIX")
     except OSError:

@@ -11,7 +11,8 @@ import io
 import re
 from pathlib import Path
 
-from tools.common import UserError, run_main, write_text
+from tools.core.errors import UserError, run_main
+from tools.core.files import write_text
 
 STAT = r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=?\s*([-\d.eE+]+) ms"
 SECTIONS = {"Latency": "latency", "GPU Compute Time": "gpu", "Enqueue Time": "enqueue", "H2D Latency": "h2d",

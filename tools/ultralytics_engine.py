@@ -22,7 +22,15 @@ import ast
 import json
 from pathlib import Path
 
-from tools.common import REPO, UserError, atomic_path, image_size, positive_int, run_main
+import onnx
+
+from tools.core.cli import image_size, positive_int
+from tools.core.errors import UserError, run_main
+from tools.core.files import REPO, atomic_path
+from tools.core.layout import Layout
+from tools.core.recipe import from_dict, load
+from tools.core.record import engine_id, newest_per, read_records
+from tools.yolo import graph as yolo_graph
 
 # A header is a few kB of JSON and opens with "{"; a TensorRT plan opens with a four-letter magic tag, which read as
 # a length is over 500 MB: a first word below this is a header's length.
@@ -85,8 +93,6 @@ def write(engine, metadata: dict, out) -> Path:
 def onnx_metadata(onnx_path) -> dict:
     """Ultralytics' export metadata from an ONNX's metadata_props, with the values it stores as Python reprs parsed
     back (names, imgsz, args, ...), as ultralytics' apply_metadata does."""
-    from tools import yolo_graph
-
     props = {p.key: p.value for p in yolo_graph.load(onnx_path).metadata_props}
     missing = [k for k in ("stride", "task", "names") if k not in props]
     if missing:
@@ -106,9 +112,7 @@ def onnx_metadata(onnx_path) -> dict:
 def check_source(onnx_path, classes: int) -> None:
     """The engine's ONNX must take float images and end in the raw head (4 box rows + one row per class): what
     ultralytics' TensorRT backend feeds and decodes."""
-    import onnx
 
-    from tools import yolo_graph
 
     value_info, _, out = yolo_graph.io_layout(yolo_graph.load(onnx_path), onnx_path)
     dtype = onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type)
@@ -141,9 +145,6 @@ def metadata(model_onnx, batch: int, dynamic: bool, imgsz: int | None = None, qu
 def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
     """`make ultralytics`: a drop-in copy of each of RECIPE's engines, from the newest record of each deployment
     profile, beside the engine (in the checkout `root`)."""
-    from tools.records import Layout, engine_id, newest_per, read_records
-    from tools.recipe import from_dict, load
-
     recipe = load(recipe_path)
     if recipe.deploy is not None:
         raise UserError(f"{recipe_path}: an end-to-end recipe (deploy: uint8 pixels in{', NMS inside' if recipe.deploy.nms else ''}); "

@@ -23,6 +23,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 FP16_MIN_NORMAL = np.float16(2.0 ** -14)
 
@@ -46,8 +49,6 @@ def weight_scale_names(model) -> set[str]:
 
 def clamp_weight_scales(model) -> list[dict]:
     """Raise FP16 weight scales below FP16_MIN_NORMAL to it, in place; returns what was changed."""
-    from onnx import numpy_helper
-
     inits = _initializers(model)
     changed = []
     for name in sorted(weight_scale_names(model)):
@@ -65,10 +66,6 @@ def clamp_weight_scales(model) -> list[dict]:
 @functools.lru_cache(maxsize=1)
 def onnxruntime_truncates_fp16_quantize() -> bool:
     """Does the installed ONNX Runtime's CPU QuantizeLinear truncate float16 input (2.6 -> 2 instead of 3)?"""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])], "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
@@ -86,9 +83,6 @@ def fp32_quantize(model):
     """Copy of `model` whose float16 QuantizeLinear nodes quantize float32: Cast(x) -> QuantizeLinear(scale as
     float32). Same integers as correct float16 rounding, up to ties that float16's coarser x / scale would break
     differently."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     model = onnx.ModelProto.FromString(model.SerializeToString())
     inits = _initializers(model)
     nodes, cast = [], {}  # cast: float16 tensor -> its float32 copy, made once however many nodes quantize it
@@ -115,8 +109,6 @@ def fp32_quantize(model):
 
 def quantizes_fp16(model) -> bool:
     """Whether any QuantizeLinear of `model` quantizes float16 (its scale is float16)."""
-    from onnx import TensorProto
-
     inits = _initializers(model)
     return any(n.op_type == "QuantizeLinear" and (s := inits.get(n.input[1])) is not None
                and s.data_type == TensorProto.FLOAT16 for n in model.graph.node)

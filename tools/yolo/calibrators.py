@@ -24,8 +24,11 @@ executes: per tensor, symmetric, scale = amax / 127.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-from tools.common import UserError, atomic_path
+from tools.core.errors import UserError
+from tools.core.files import atomic_path
 
 NUM_BINS = 2048  # pytorch-quantization's default
 MAX_BINS = 1 << 16  # a tensor whose range grows 32x past its first batch's merges bins rather than use more memory
@@ -133,8 +136,6 @@ def fixed_amax(onnx_model, tensors) -> dict[str, float]:
 def collect(onnx_path, calibration_npy, groups: dict[str, str], batch: int = 8, log=print) -> dict[str, Histogram]:
     """One |x| histogram per group over the calibration tensor (N x C x H x W float32, read `batch` images at a
     time so memory stays bounded), from the FP32 model run in ONNX Runtime with the group members as outputs."""
-    import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
     inputs = {i.name for i in model.graph.input}

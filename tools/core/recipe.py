@@ -8,7 +8,6 @@ engines a recipe deploys: one TensorRT optimization profile each, each timed at 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Hashable
@@ -16,17 +15,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, \
+    field_validator, model_validator
 
-from tools.common import REPO, UserError
-from tools.qdq_rules import REWRITES
+from tools.core.errors import UserError
+from tools.core.files import REPO
 
 PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
 CALIBRATION_METHODS = ("entropy", "max", "mse", "percentile")
 STAGES = ("calib", "quantize", "engine")  # in pipeline order: a stage's key holds its own fields and the earlier ones
 QDQ, CALIBRATED = ("int8-qdq",), ("int8-qdq", "int8-implicit")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # recipe and profile names become file names
+# the Q/DQ placement rewrites a recipe may name (`qdq_rewrites`); tools/yolo/qdq_rules.py implements each
+REWRITES = ("concat",)
 
 
 def _regex(pattern: str) -> str:
@@ -118,7 +119,7 @@ class Deploy(Frozen):
 
 
 class Recipe(Frozen):
-    # --- identity (not hashed: the model's bytes are, see tools.records) -------------------------------------
+    # --- identity (not hashed: the model's bytes are, see tools/core/files.py) -------------------------------------
     name: Annotated[StrictStr, Field(pattern=NAME)]
     model: Annotated[StrictStr, Field(pattern=NAME)] = "yolo11n"  # models/yolo11/<model>.onnx unless `onnx` says
     description: StrictStr = ""
@@ -132,14 +133,14 @@ class Recipe(Frozen):
     calib_seed: Annotated[StrictInt, Field(ge=0)] = shaped("calib", CALIBRATED, default=0)
     # --- ModelOpt ONNX PTQ (int8-qdq only) ------------------------------------------------------------------
     calibration_method: Literal[CALIBRATION_METHODS] = shaped("quantize", QDQ, default="entropy")
-    # percentile calibration: amax keeps this percentile of |x| per tensor (tools/calibrators.py)
+    # percentile calibration: amax keeps this percentile of |x| per tensor (tools/yolo/calibrators.py)
     calibration_percentile: Annotated[float, Field(gt=0, le=100)] = \
         shaped("quantize", QDQ, when=("calibration_method", "percentile"), default=99.99)
     nodes_to_exclude: tuple[Regex, ...] = shaped("quantize", QDQ, default=())
     op_types_to_exclude: tuple[StrictStr, ...] = shaped("quantize", QDQ, default=())
     # what TensorRT 10 gets; 8.6 needs fp32 and 11 fp16 (tools/trt_plan.py)
     high_precision_dtype: Literal["fp32", "fp16"] = shaped("quantize", QDQ, default="fp32")
-    # Q/DQ placement rewrites after ModelOpt (tools/qdq_rules.py): `concat` gives every input of a quantized Concat
+    # Q/DQ placement rewrites after ModelOpt (tools/yolo/qdq_rules.py): `concat` gives every input of a quantized Concat
     # its output's scale (exact; lets TensorRT concatenate in INT8)
     qdq_rewrites: tuple[Literal[REWRITES], ...] = shaped("quantize", QDQ, omit_default=True, default=())
     calibration_eps: tuple[Annotated[StrictStr, Field(pattern=r"^(cpu|trt|cuda:\d+|dml:\d+)$")], ...] = \
@@ -209,10 +210,6 @@ class Recipe(Frozen):
 def _plain(value):
     return json.loads(json.dumps(value.model_dump() if isinstance(value, BaseModel) else value,
                                  default=lambda v: v.model_dump()))
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 FIELDS = tuple(Recipe.model_fields)

@@ -1,0 +1,115 @@
+"""Where every file of a run lives, and the guard that keeps a run from replacing a committed result.
+
+Build products (calibration tensors and caches, quantized models, engines, logs) live in the checkout under
+calib/, models/<model>/, engines/ and logs/, named by a key that hashes the content they were made from. Results
+(point records, ONNX Runtime scores, tables, reports) go under a results root: `runs/` unless the user names another
+(`RESULTS=results` is the committed one), and a file git tracks is never overwritten without `overwrite`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.core.errors import UserError
+from tools.core.files import REPO, write_json, write_text
+
+RUNS = REPO / "runs"  # where a run's results go unless the user names another place
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one model's artifacts. `root` holds the build products, `results` the records and tables."""
+    model: str
+    root: Path = REPO
+    results: Path = RUNS
+    overwrite: bool = False  # replace files that git tracks (the committed results)
+
+    @property
+    def calib(self) -> Path:
+        return self.root / "calib" / self.model
+
+    @property
+    def quant(self) -> Path:
+        return self.root / "models" / self.model / "quant"
+
+    def deploy_onnx(self, source, key: str) -> Path:
+        """The end-to-end graph (tools/deploy_graph.py) of the ONNX `source`, named by `key` (source bytes and deploy
+        settings)."""
+        return self.root / "models" / self.model / "deploy" / f"{Path(source).stem}.e2e-{key}.onnx"
+
+    def predict(self, recipe: str) -> Path:
+        """Where `make predict` writes one recipe's annotated images or video and their detections."""
+        return self.out / "predict" / recipe
+
+    @property
+    def engines(self) -> Path:
+        return self.root / "engines" / self.model
+
+    def ultralytics_engine(self, engine) -> Path:
+        """The copy of `engine` with ultralytics' metadata header (tools.ultralytics_engine): a deploy artifact beside
+        the engine trtexec wrote, which stays the one keys and timings refer to."""
+        return self.engines / f"{Path(engine).name.removesuffix('.engine')}.ultralytics.engine"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs" / self.model
+
+    @property
+    def out(self) -> Path:
+        return self.results / self.model
+
+    @property
+    def points(self) -> Path:
+        return self.out / "points"
+
+    @property
+    def onnxrt(self) -> Path:
+        return self.out / "onnxrt"
+
+    def rel(self, path) -> str:
+        """A path as records store it: relative to the checkout where it lies inside it."""
+        path = Path(path)
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def resolve(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.root / path
+
+    # --- writing results ---------------------------------------------------------------------------------------
+    def guard(self, path) -> Path:
+        return guard(path, self.overwrite)
+
+    def write_json(self, path, obj) -> None:
+        write_json(self.guard(path), obj)
+
+    def write_text(self, path, text: str) -> None:
+        write_text(self.guard(path), text)
+
+
+def guard(path, overwrite: bool) -> Path:
+    """Refuse to replace a committed file unless asked: results are regenerated on purpose, never by accident."""
+    path = Path(path)
+    if not overwrite and path.exists() and is_tracked(path):
+        raise UserError(f"{path}: is a committed result; write elsewhere (RESULTS=dir, --results DIR) or pass "
+                        f"OVERWRITE=1 (--overwrite) to replace it")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _tracked(top: str) -> frozenset:
+    try:
+        out = subprocess.run(["git", "-C", top, "ls-files", "-z"], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(os.path.join(top, p) for p in out.stdout.decode().split("\0") if p) if out.returncode == 0 \
+        else frozenset()
+
+
+def is_tracked(path) -> bool:
+    """Whether git tracks `path` in the checkout that holds it (False outside a git checkout)."""
+    path = Path(path).resolve()
+    top = next((p for p in (path, *path.parents) if (p / ".git").exists()), None)
+    return top is not None and str(path) in _tracked(str(top))
