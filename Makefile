@@ -127,7 +127,8 @@ sensitivity: $(ENV)  ## which blocks (or layers) cost accuracy when INT8, and th
 	    --unit $(SENS_UNIT) --target $(SENS_TARGET) --max-groups $(SENS_GROUPS) \
 	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) $(if $(SENS_PROFILE),--profile "$(SENS_PROFILE)") \
 	    -o "$(RESULTS)/$(MODEL)/sensitivity$(if $(filter layer,$(SENS_UNIT)),-layers)$(if $(SENS_PROFILE),-latency).json" \
-	    $(if $(MS_BUDGET),--ms-budget $(MS_BUDGET)) $(if $(OVERWRITE),--overwrite)
+	    $(if $(MS_BUDGET),--ms-budget $(MS_BUDGET)) $(if $(OVERWRITE),--overwrite) \
+	    $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
 sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)
 	$(PY) -m tools.sweep $(GRID) $(SETUP) $(if $(GPUS),--gpus $(GPUS)) --jobs-per-gpu $(JOBS_PER_GPU) $(SWEEP_ARGS)

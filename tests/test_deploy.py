@@ -8,6 +8,7 @@ import onnx
 import pytest
 from conftest import CALIB, MINI, MODEL, REPO, run_tool
 
+import tools.core.setup as setup_mod
 import tools.pipeline as pipeline
 from tools.core.errors import UserError
 from tools.core.files import list_images
@@ -170,7 +171,7 @@ def test_the_evaluator_scores_the_folded_model_like_the_raw_one(tmp_path, pixels
 
 # ----------------------------------------------------------------------------------------------------------------
 def setup(tmp_path):
-    return pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path / "runs",
+    return setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path / "runs",
                           trt_version="8.6.1")
 
 
@@ -197,7 +198,7 @@ def test_committed_engine_keys_are_unchanged(monkeypatch):
     (path,) = sorted((REPO / "results/yolo11n/points").glob("fp16.b1.*.json"))
     rec = json.loads(path.read_text())
     monkeypatch.setattr(pipeline, "gpu_name", lambda: rec["gpu"])
-    s = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, trt_version=rec["trt_version"])
+    s = setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, trt_version=rec["trt_version"])
     assert "deploy" not in rec["recipe"] and "deploy" not in load(FP16).settings()
     assert pipeline.Point(from_dict(rec["recipe"]), s, "b1").engine_key == rec["engine_key"]
     assert load(E2E).replace(name="fp16", description=load(FP16).description, deploy=None) == load(FP16)

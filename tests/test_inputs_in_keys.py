@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 from conftest import CALIB, MINI, MODEL, REPO, run_tool, tool_env
 
+import tools.core.setup as setup_mod
 import tools.pipeline as pipeline
 from tools.calib import select_images
 from tools.core.cli import positive_number
@@ -38,7 +39,7 @@ def one_line_error(res, *words):
 
 
 def small_setup(tmp_path, **kw):
-    return pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path / "runs", calib_images=4,
+    return setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path / "runs", calib_images=4,
                           trt_version="10", **kw)
 
 

@@ -99,7 +99,8 @@ def test_imports_inside_functions_are_third_party_and_say_why():
             if not inside:
                 continue
             if target.startswith("tools"):
-                bad.append(f"{path.relative_to(REPO)}:{line}: imports {target} inside a function (import it at the top)")
+                bad.append(f"{path.relative_to(REPO)}:{line}: imports {target} inside a function (import it at the top)"
+                           )
             elif "#" not in lines[line - 1] and not lines[line - 2].strip().startswith("#"):
                 bad.append(f"{path.relative_to(REPO)}:{line}: imports {target} inside a function without saying why")
     assert not bad, "\n".join(bad)

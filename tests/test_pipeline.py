@@ -9,6 +9,7 @@ import shutil
 import pytest
 from conftest import CALIB, MINI, REPO
 
+import tools.core.setup as setup_mod
 import tools.pipeline as pipeline
 from tools.core.errors import UserError
 from tools.core.recipe import load
@@ -17,7 +18,7 @@ FP16 = REPO / "recipes/yolo11n/fp16.yaml"
 
 
 def setup(tmp_path, **kw):
-    return pipeline.Setup(calib_dir=CALIB, eval_dir=kw.pop("eval_dir", MINI), root=REPO, results=tmp_path,
+    return setup_mod.Setup(calib_dir=CALIB, eval_dir=kw.pop("eval_dir", MINI), root=REPO, results=tmp_path,
                           trt_version=kw.pop("trt_version", "8.6.1"), **kw)
 
 
@@ -138,12 +139,12 @@ def test_a_collapsed_quantized_model_is_an_error(tmp_path, monkeypatch):
 
 def test_setup_round_trips_through_job_flags(tmp_path):
     ap = argparse.ArgumentParser()
-    pipeline.add_setup_args(ap)
-    s = pipeline.setup_from_args(ap.parse_args(["--trt", "8.6", "--cuda-graphs", "on", "--duration", "1.5",
+    setup_mod.add_setup_args(ap)
+    s = setup_mod.setup_from_args(ap.parse_args(["--trt", "8.6", "--cuda-graphs", "on", "--duration", "1.5",
                                                 "--eval-limit", "8", "--compare-images", "0", "--level", "1",
                                                 "--results",
                                                 str(tmp_path), "--overwrite"]))
-    assert pipeline.setup_from_args(ap.parse_args(pipeline.setup_to_args(s))) == s
+    assert setup_mod.setup_from_args(ap.parse_args(setup_mod.setup_to_args(s))) == s
 
 
 @pytest.mark.parametrize("flags,expected", [(["--eval-limit", "0"], "must be 1 or more"),
@@ -152,7 +153,7 @@ def test_setup_round_trips_through_job_flags(tmp_path):
                                             (["--level", "6"], "levels are 0 to 5")])
 def test_bad_numbers_are_refused_by_the_flag(flags, expected, capsys):
     ap = argparse.ArgumentParser()
-    pipeline.add_setup_args(ap)
+    setup_mod.add_setup_args(ap)
     with pytest.raises(SystemExit):
         ap.parse_args(flags)
     err = capsys.readouterr().err
@@ -161,9 +162,9 @@ def test_bad_numbers_are_refused_by_the_flag(flags, expected, capsys):
 
 def test_onnx_override_must_exist(tmp_path):
     ap = argparse.ArgumentParser()
-    pipeline.add_setup_args(ap)
+    setup_mod.add_setup_args(ap)
     with pytest.raises(UserError, match="no such ONNX model"):
-        pipeline.setup_from_args(ap.parse_args(["--onnx", str(tmp_path / "none.onnx")]))
+        setup_mod.setup_from_args(ap.parse_args(["--onnx", str(tmp_path / "none.onnx")]))
 
 
 def test_a_model_is_checked_before_any_work(tmp_path):

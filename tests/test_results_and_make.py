@@ -102,8 +102,9 @@ def test_summary_reads_the_onnxrt_results_the_pipeline_writes(tmp_path):
     """The onnxrt stage's own result files (not hand-made ones) go through the summary's newest-result rule."""
     import tools.pipeline as pipeline
     from tools.core.recipe import load
+    from tools.core.setup import Setup
 
-    s = pipeline.Setup(calib_dir=REPO / "calib/images", eval_dir=MINI, results=tmp_path, eval_limit=2)
+    s = Setup(calib_dir=REPO / "calib/images", eval_dir=MINI, results=tmp_path, eval_limit=2)
     point = pipeline.Point(load(REPO / "recipes/yolo11n/fp16.yaml"), s)
     pipeline.onnxrt_score(point, point.model_onnx)
     summary = summarize(Layout("yolo11n", REPO, tmp_path), ["fp16"], MINI, 2)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import CALIB, MINI, REPO
 
-import tools.pipeline as pipeline
+import tools.core.setup as setup_mod
 import tools.sweep as sweep
 from tools.core.errors import UserError
 from tools.core.files import digest
@@ -29,7 +29,7 @@ def write_grid(tmp_path, design="one-at-a-time", extra=None, **top):
 
 
 def setup(tmp_path, **kw):
-    return pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, results=tmp_path, trt_version="8.6.1", **kw)
+    return setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, root=REPO, results=tmp_path, trt_version="8.6.1", **kw)
 
 
 def test_a_run_level_applies_to_every_point_but_not_to_a_screened_grid(tmp_path, capsys):

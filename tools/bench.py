@@ -10,7 +10,7 @@ import re
 import shlex
 from pathlib import Path
 
-from tools.core.cli import default_trtexec
+from tools.core.cli import add_imgsz, add_timing, add_trtexec, default_trtexec
 from tools.core.errors import UserError, run_main
 from tools.core.files import write_text
 from tools.engine import run_logged, shape
@@ -57,12 +57,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
     ap.add_argument("engine")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--imgsz", type=int, default=640)
+    add_imgsz(ap)
     ap.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="the engine's input layout")
-    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
+    add_trtexec(ap)
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
-    ap.add_argument("--warmup-ms", type=int, default=500)
-    ap.add_argument("--duration", type=float, default=3.0)
+    add_timing(ap)
     ap.add_argument("--log-prefix", help="default: logs/<engine stem>")
     ap.add_argument("-o", "--output", help="CSV to write")
     args = ap.parse_args(argv)

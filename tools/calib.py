@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.core.cli import image_size, non_negative_int, positive_int
+from tools.core.cli import add_eval_dir, add_imgsz, non_negative_int, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, file_digest, list_images, sha256_file, write_json
 from tools.yolo.preprocess import preprocess, to_input
@@ -74,8 +74,8 @@ def main(argv=None):
     ap.add_argument("-o", "--output", required=True, help="output .npy (a .json sidecar is written beside it)")
     ap.add_argument("-n", "--count", type=positive_int, required=True, help="number of images to draw")
     ap.add_argument("--seed", type=non_negative_int, default=0)
-    ap.add_argument("--imgsz", type=image_size, default=640)
-    ap.add_argument("--eval-dir", help="evaluation image folder to check for overlap")
+    add_imgsz(ap)
+    add_eval_dir(ap)
     args = ap.parse_args(argv)
     info = build_calibration(args.images, args.output, args.count, args.seed, args.imgsz, args.eval_dir)
     print(f"wrote {args.output}: {info['count']} images from {args.images}")

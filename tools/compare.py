@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from polygraphy.json import save_json
 
-from tools.core.cli import positive_int
+from tools.core.cli import add_polygraphy, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, list_images, write_json
 from tools.yolo.preprocess import preprocess, to_input
@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--atol", type=float, default=0.5)
     ap.add_argument("--rtol", type=float, default=0.05)
     ap.add_argument("--work-dir", default="logs/compare")
-    ap.add_argument("--polygraphy", help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
+    add_polygraphy(ap)
     ap.add_argument("-o", "--output")
     args = ap.parse_args(argv)
     res = compare(args.engine, args.onnx, args.images, args.work_dir, args.count, args.atol, args.rtol,

@@ -7,9 +7,9 @@ and, optionally, returns the detections.
     -> EfficientNMS_TRT -> num_dets [N, 1] int32, det_boxes [N, max_det, 4] (x1 y1 x2 y2), det_scores [N, max_det],
                            det_classes [N, max_det] int32
 
-Div(255), not Mul(1/255): the float tensor the original graph sees is bit-identical to tools.yolo.preprocess.to_input's, the
-one every calibration tensor and every raw engine's input is made with. TensorRT fuses the cast, scale and layout change
-into the first convolution's input reformat.
+Div(255), not Mul(1/255): the float tensor the original graph sees is bit-identical to
+tools.yolo.preprocess.to_input's, the one every calibration tensor and every raw engine's input is made with. TensorRT
+fuses the cast, scale and layout change into the first convolution's input reformat.
 The graph is built from the ONNX the engine is built from: the FP32 model, or the ModelOpt Q/DQ model AFTER
 quantization. The calibration floats are k/255 exactly (to_input of uint8 pixels), which is what Cast + Div(255)
 produces from the same pixels, so quantizing the folded graph would calibrate on the same values and give the same
@@ -117,7 +117,8 @@ def add_nms(model, conf: float, iou: float, max_det: int, source: str = "model")
 
 
 def end_to_end(model, deploy, source: str = "model"):
-    """`model` (in place) as the recipe's `deploy` (tools.core.recipe.Deploy) says; its metadata records the settings."""
+    """`model` (in place) as the recipe's `deploy` (tools.core.recipe.Deploy) says; its metadata records the
+    settings."""
     fold_input(model, deploy.layout, source)
     if deploy.nms is not None:
         add_nms(model, deploy.nms.conf, deploy.nms.iou, deploy.nms.max_det, source)
@@ -127,7 +128,7 @@ def end_to_end(model, deploy, source: str = "model"):
 
 
 def build(source, deploy, layout) -> Path:
-    """The end-to-end graph of `source` under tools.core.layout.Layout `layout`, made once per source bytes and settings."""
+    """The end-to-end graph of `source` under `layout` (tools.core.layout), made once per source bytes and settings."""
     source = Path(source)
     out = layout.deploy_onnx(source, digest({"source": file_digest(source), "deploy": deploy.model_dump()}))
     if out.is_file():

@@ -36,8 +36,9 @@ from tools.core.errors import UserError, import_tensorrt, run_main
 from tools.core.files import list_images, write_json
 from tools.core.recipe import load
 from tools.core.record import now_utc
+from tools.core.setup import add_setup_args, setup_from_args
 from tools.deploy_graph import NMS_OUTPUTS, decode_nms
-from tools.pipeline import Point, add_setup_args, setup_from_args
+from tools.pipeline import Point
 from tools.ultralytics_engine import engine_bytes
 from tools.yolo.decode import postprocess
 from tools.yolo.preprocess import letterbox, load_resized, read_image

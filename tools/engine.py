@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from tools.core.cli import default_trtexec, detect_version
+from tools.core.cli import add_trt, add_trtexec, default_trtexec, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, run_logged
 from tools.core.recipe import Profile, Recipe, load
@@ -111,8 +111,8 @@ def main(argv=None):
     ap.add_argument("-o", "--engine", required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--profile", help="the recipe's deployment profile to build (default: its first)")
-    ap.add_argument("--trt", default=None, help="TensorRT version (default: the installed one)")
-    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
+    add_trt(ap)
+    add_trtexec(ap)
     ap.add_argument("--timing-cache")
     ap.add_argument("--calib-cache")
     ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")

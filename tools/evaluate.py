@@ -26,7 +26,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from polygraphy.backend.trt import TrtRunner
 from tqdm import tqdm
 
-from tools.core.cli import image_size, positive_int
+from tools.core.cli import add_imgsz, positive_int
 from tools.core.errors import UserError, import_tensorrt, run_main
 from tools.core.files import list_images, write_json
 from tools.deploy_graph import INPUT, NMS_OUTPUTS, PLUGIN, decode_nms, has_plugin
@@ -384,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--annotations", help="COCO instances JSON (default: annotations.json in <images>, else beside "
                                           "its images/ folder)")
     ap.add_argument("--batch", type=positive_int, default=32)
-    ap.add_argument("--imgsz", type=image_size, default=640)
+    add_imgsz(ap)
     ap.add_argument("--limit", type=positive_int, help="only the first N images")
     ap.add_argument("--workers", type=positive_int, help="preprocessing/NMS processes (1: none, all in this one)")
     ap.add_argument("-o", "--output", help="JSON to write")

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tools.core.cli import add_imgsz
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, sha256_file
 from tools.yolo import graph as yolo_graph
@@ -128,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--pt", help="YOLO11 .pt checkpoint (or ultralytics model .yaml: random weights) to export; "
                                  "omit to check --onnx")
     ap.add_argument("--onnx", required=True, help="ONNX to write (with --pt) or to check")
-    ap.add_argument("--imgsz", type=int, default=640, help="size traced and compared (with --static: the input size)")
+    add_imgsz(ap, "size traced and compared (with --static: the input size)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--static", action="store_true", help="fixed [1,3,imgsz,imgsz] input (default: dynamic "
                                                           "batch/height/width, which engines with batch > 1 need)")

@@ -3,7 +3,7 @@
 CPU stages (per recipe): calib (calibration tensor), quantize (ModelOpt Q/DQ model), onnxrt (ONNX Runtime mAP of the
 model the engine starts from). GPU stages (per recipe and deployment profile, i.e. per engine): engine, bench,
 accuracy, and `layers` (per-layer profile, run by `make profile`, not by `all`).
-Every result is keyed by what it depends on (tools/core/files.py, tools/core/recipe.py): an engine by the recipe's engine settings, its profile,
+Every result is keyed by what it depends on (tools/core/): an engine by the recipe's engine settings, its profile,
 the ONNX bytes, the TensorRT version and the GPU; its record also by the evaluation set's content. A stage whose
 result exists is skipped, so an interrupted run picks up where it stopped, and a changed input never reuses a result.
 A point (one recipe, one profile) is a self-contained job: recipe + inputs -> one record file, so points can run in
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -29,13 +28,11 @@ import numpy as np
 from tools.bench import bench
 from tools.calib import build_calibration, check_disjoint, select_images
 from tools.compare import compare
-from tools.core.cli import builder_level, default_trtexec, detect_version, non_negative_int, positive_int, \
-    positive_number
 from tools.core.errors import UserError, run_main
-from tools.core.files import REPO, atomic_path, digest, eval_set, file_digest, list_images, run_logged
-from tools.core.layout import RUNS, Layout
+from tools.core.files import atomic_path, digest, eval_set, file_digest, list_images, run_logged
 from tools.core.recipe import Recipe, load, to_dict
 from tools.core.record import LOG_KEYS, Record, now_utc, read_json
+from tools.core.setup import Setup, add_setup_args, setup_from_args
 from tools.deploy_graph import build as end_to_end_graph
 from tools.engine import build, input_layout
 from tools.evaluate import evaluate
@@ -47,7 +44,6 @@ from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 from tools.trtlog import parse_file
 
-GRAPH_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has collapsed: an error, not a result
 
 
@@ -75,57 +71,6 @@ def gpu_name() -> str:
 def model_facts(path: str, sha256: str) -> dict:
     """tools.export's detector check, once per model content in a process."""
     return check_detector(path)
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything a run takes besides the recipes: data, tools, timing protocol and where results go."""
-    calib_dir: Path
-    eval_dir: Path
-    root: Path = REPO
-    results: Path = RUNS
-    overwrite: bool = False
-    onnx: Path | None = None  # the model to start from instead of the recipe's (Makefile ONNX=)
-    profiles: tuple[str, ...] | None = None  # only these deployment profiles (default: every one of the recipe)
-    level: int | None = None  # every recipe's builder_optimization_level for this run (default: the recipe's own)
-    trt_version: str | None = None  # None: the installed TensorRT
-    trtexec: tuple[str, ...] = field(default_factory=default_trtexec)
-    polygraphy: tuple[str, ...] | None = None
-    cuda_graphs: tuple[bool, ...] = (False, True)
-    warmup_ms: int = 500
-    duration_s: float = 3.0
-    eval_limit: int | None = None
-    calib_images: int | None = None  # caps every recipe's calib_images (e.g. for a small folder)
-    compare_images: int = 4  # real images for the Polygraphy comparison; 0 skips it
-    prep_cache: dict = field(default_factory=dict, compare=False, repr=False)  # preprocessed eval images
-
-    def version(self) -> str:
-        """The TensorRT to plan for: the one given, else the installed one, else trt_plan's default."""
-        return self.trt_version or detect_version()
-
-    def layout(self, model: str) -> Layout:
-        return Layout(model, self.root, self.results, self.overwrite)
-
-    def adapt(self, recipe: Recipe) -> Recipe:
-        """The recipe as this run executes it: the ONNX override and the calibration-image cap applied, so names and
-        keys say what actually ran (a capped n400 point is an n32 point)."""
-        changes = {}
-        if self.onnx is not None:
-            changes["onnx"] = str(self.onnx)
-        if self.calib_images and recipe.calibrated and recipe.calib_images > self.calib_images:
-            changes["calib_images"] = self.calib_images
-        if self.level is not None and recipe.builder_optimization_level != self.level:
-            changes["builder_optimization_level"] = self.level
-        return recipe.replace(**changes) if changes else recipe
-
-    def engine_profiles(self, recipe: Recipe) -> list[str]:
-        if self.profiles is None:
-            return list(recipe.profiles)
-        missing = [p for p in self.profiles if p not in recipe.profiles]
-        if missing:
-            raise UserError(f"recipe {recipe.name!r} has no profile {missing[0]!r}; its profiles are "
-                            f"{', '.join(recipe.profiles)}")
-        return list(self.profiles)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,60 +468,6 @@ def parse_stages(text: str) -> tuple[str, ...]:
         raise UserError(f"unknown stage {(bad or [text])[0]!r}; stages are {', '.join(STAGES)} or "
                         f"{', '.join(STAGE_SETS)}")
     return stages
-
-
-def add_setup_args(ap: argparse.ArgumentParser) -> None:
-    """The flags every driver (pipeline, sweep) shares, each spelled once and mapped onto Setup."""
-    ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"), help="calibration images")
-    ap.add_argument("--eval-dir", default=str(REPO / "data" / "coco-mini"), help="evaluation images + annotations")
-    ap.add_argument("--results", default=str(RUNS),
-                    help="where records and tables go (default: runs/; results/ is the committed set)")
-    ap.add_argument("--overwrite", action="store_true", help="replace committed (git-tracked) result files")
-    ap.add_argument("--onnx", help="start from this ONNX instead of each recipe's model")
-    ap.add_argument("--profiles", help="comma-separated deployment profiles to build (default: each recipe's all)")
-    ap.add_argument("--level", type=builder_level,
-                    help="build every recipe at this builder optimization level (0-5; default: each recipe's own)")
-    ap.add_argument("--trt", help="TensorRT version (default: the installed one; 10 when planning without it)")
-    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
-    ap.add_argument("--polygraphy", help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
-    ap.add_argument("--cuda-graphs", choices=GRAPH_MODES, default="both",
-                    help="time with CUDA graphs, without, or both (default)")
-    ap.add_argument("--duration", type=positive_number, default=3.0, help="seconds timed per (batch, graph) run")
-    ap.add_argument("--warmup-ms", type=positive_int, default=500)
-    ap.add_argument("--eval-limit", type=positive_int, help="score only the first N evaluation images")
-    ap.add_argument("--compare-images", type=non_negative_int, default=4,
-                    help="real images for the Polygraphy comparison against ONNX Runtime (0: skip it)")
-    ap.add_argument("--calib-images", type=positive_int,
-                    help="cap every recipe's calib_images (e.g. for a small folder); names follow the capped count")
-
-
-def setup_from_args(args) -> Setup:
-    onnx = Path(args.onnx).resolve() if args.onnx else None
-    if onnx is not None and not onnx.is_file():
-        raise UserError(f"{args.onnx}: no such ONNX model (ONNX= / --onnx); export one with make export")
-    return Setup(calib_dir=Path(args.calib_dir), eval_dir=Path(args.eval_dir), results=Path(args.results).resolve(),
-                 overwrite=args.overwrite, onnx=onnx,
-                 profiles=tuple(args.profiles.split(",")) if args.profiles else None, level=args.level,
-                 trt_version=args.trt,
-                 trtexec=tuple(shlex.split(args.trtexec)) if args.trtexec else default_trtexec(),
-                 polygraphy=tuple(shlex.split(args.polygraphy)) if args.polygraphy else None,
-                 cuda_graphs=GRAPH_MODES[args.cuda_graphs], warmup_ms=args.warmup_ms, duration_s=args.duration,
-                 eval_limit=args.eval_limit, calib_images=args.calib_images, compare_images=args.compare_images)
-
-
-def setup_to_args(setup: Setup) -> list[str]:
-    """The flags that give `setup` back through setup_from_args: how a sweep hands its setup to each job."""
-    mode = next(m for m, g in GRAPH_MODES.items() if g == setup.cuda_graphs)
-    args = ["--calib-dir", str(setup.calib_dir), "--eval-dir", str(setup.eval_dir), "--results", str(setup.results),
-            "--trtexec", shlex.join(setup.trtexec), "--cuda-graphs", mode, "--duration", f"{setup.duration_s:g}",
-            "--warmup-ms", str(setup.warmup_ms), "--compare-images", str(setup.compare_images)]
-    for flag, value in (("--onnx", setup.onnx), ("--level", setup.level), ("--trt", setup.trt_version),
-                        ("--eval-limit", setup.eval_limit),
-                        ("--calib-images", setup.calib_images),
-                        ("--polygraphy", shlex.join(setup.polygraphy) if setup.polygraphy else None)):
-        if value is not None:
-            args += [flag, str(value)]
-    return args + (["--overwrite"] if setup.overwrite else [])
 
 
 def main(argv=None):

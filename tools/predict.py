@@ -23,12 +23,13 @@ import cv2
 import numpy as np
 import onnx
 
-from tools.core.cli import builder_level, positive_int
+from tools.core.cli import add_calib_dir, add_calib_images, add_level, add_results, add_trt, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import IMAGE_SUFFIXES, REPO, atomic_dir, list_images, write_json
 from tools.core.recipe import load
+from tools.core.setup import Setup
 from tools.evaluate import make_backend
-from tools.pipeline import Point, Setup, gpu_name, have_tensorrt, quantize_done
+from tools.pipeline import Point, gpu_name, have_tensorrt, quantize_done
 from tools.yolo.decode import COCO80_NAMES, scale_boxes
 from tools.yolo.preprocess import preprocess_image, read_image
 
@@ -241,12 +242,11 @@ def main(argv=None):
     ap.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25, ultralytics predict's)")
     ap.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
     ap.add_argument("--max-det", type=positive_int, default=300)
-    ap.add_argument("--results", default=str(REPO / "runs"), help="results root (default: runs/)")
-    ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"),
-                    help="the recipe's calibration images (they name its quantized model)")
-    ap.add_argument("--calib-images", type=positive_int, help="the cap `make` puts on calib_images (names follow it)")
-    ap.add_argument("--level", type=builder_level, help="the builder level the engine was built at (make LEVEL=)")
-    ap.add_argument("--trt", help="TensorRT version (default: the installed one)")
+    add_results(ap, overwrite=False)
+    add_calib_dir(ap)  # the recipe's calibration images name its quantized model
+    add_calib_images(ap)
+    add_level(ap)
+    add_trt(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.conf < 1 or not 0 < args.iou <= 1:
         raise UserError(f"--conf {args.conf} / --iou {args.iou}: need 0 <= conf < 1 and 0 < iou <= 1 (CONF=, IOU=)")

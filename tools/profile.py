@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.core.cli import add_profiles, add_results
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, atomic_path, write_text
 from tools.core.layout import Layout
@@ -673,9 +674,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", help="compare these recipes' profiled engines (from the run's records)")
-    ap.add_argument("--results", default="runs", help="with --recipes: the run's results root (default: runs/)")
-    ap.add_argument("--profiles", help="with --recipes: comma-separated deployment profiles (default: all)")
-    ap.add_argument("--overwrite", action="store_true", help="with --recipes: replace a committed profile")
+    add_results(ap)  # with --recipes
+    add_profiles(ap)  # with --recipes
     ap.add_argument("--layers", action="append", help="trtexec --exportLayerInfo JSON (repeat)")
     ap.add_argument("--profile", action="append", help="trtexec --exportProfile JSON (repeat)")
     ap.add_argument("--labels", help="comma-separated engine names (default: the layer files' names)")

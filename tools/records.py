@@ -10,9 +10,10 @@ import argparse
 import shutil
 from pathlib import Path
 
+from tools.core.cli import add_overwrite, add_results
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO
-from tools.core.layout import RUNS, Layout, is_tracked
+from tools.core.layout import Layout, is_tracked
 from tools.core.record import LOG_KEYS, read_json
 
 
@@ -95,10 +96,10 @@ def main(argv=None):
     pub.add_argument("--results", default="runs", help="the run's results folder, relative to run_root")
     pub.add_argument("--model", default="yolo11n")
     pub.add_argument("--to", default=str(REPO / "results"), help="results root to publish into (default: results/)")
-    pub.add_argument("--overwrite", action="store_true", help="replace committed files")
+    add_overwrite(pub)
     cln = sub.add_parser("clean", help="remove what runs wrote for a model (build products and its results folder)")
     cln.add_argument("--model", default="yolo11n")
-    cln.add_argument("--results", default=str(RUNS), help="results root of the run (default: runs/)")
+    add_results(cln, overwrite=False)
     args = ap.parse_args(argv)
     if args.verb == "clean":
         layout = Layout(args.model, REPO, Path(args.results).resolve())

@@ -15,11 +15,11 @@ import re
 import shlex
 from pathlib import Path
 
-from tools.core.cli import non_negative_number
+from tools.core.cli import add_results, non_negative_number
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, atomic_path
 from tools.core.grid import load_grid
-from tools.core.layout import RUNS, Layout
+from tools.core.layout import Layout
 from tools.core.recipe import dump, from_dict
 from tools.core.record import read_json
 from tools.core.sweep_table import Table, best, p99, pareto, selection_map
@@ -359,8 +359,7 @@ def main(argv=None):
     ap.add_argument("--model", default="yolo11n")
     ap.add_argument("--budget", type=non_negative_number, default=0.5,
                     help="mAP50-95 points below FP16 that INT8 may lose")
-    ap.add_argument("--results", default=str(RUNS), help="results root the sweep wrote (default: runs/)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a committed report")
+    add_results(ap)
     args = ap.parse_args(argv)
     layout = Layout(args.model, REPO, Path(args.results).resolve(), args.overwrite)
     print(f"wrote {write_report(layout, args.budget)}")

@@ -35,7 +35,8 @@ from faster_coco_eval import COCO
 from tqdm import tqdm
 
 from tools.calib import select_images
-from tools.core.cli import non_negative_number, positive_int, positive_number
+from tools.core.cli import add_data, add_results, add_trt, detect_version, non_negative_number, positive_int, \
+    positive_number
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, list_images
 from tools.core.layout import Layout
@@ -193,7 +194,7 @@ class Proxy:
         return coco_stats(self.gt, res)[0] if res else 0.0
 
 
-def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,
+def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt=None, log=print,
             previous: dict | None = None, calib_images: int | None = None, profile=None,
             ms_budget: float | None = None, unit: str = "block") -> dict:
     """`unit`: `block` or `layer`, what one group is.
@@ -210,7 +211,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     if yolo_graph.is_random_weights(recipe.onnx_path):
         raise UserError(f"{recipe.onnx_path}: random weights (exported from a model .yaml) detect nothing, so there is "
                         f"no agreement to measure; export the trained model (make export PT=...)")
-    qdq_path = quantize(recipe, trt, calib_dir, eval_dir)
+    qdq_path = quantize(recipe, trt or detect_version(), calib_dir, eval_dir)
     files = select_images(list_images(calib_dir), images, seed=1)
     proxy = Proxy(recipe.onnx_path, files, recipe.imgsz)
     qdq = onnx.load(str(qdq_path))
@@ -278,10 +279,8 @@ def markdown(res: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.sensitivity", description=__doc__)
     ap.add_argument("recipe")
-    ap.add_argument("--calib-dir", required=True, help="images to measure on (calibration images, not evaluation)")
-    ap.add_argument("--eval-dir", help="evaluation folder (only checked for overlap when calibrating)")
+    add_data(ap)  # it measures on calibration images, never on evaluation images
     ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
-    ap.add_argument("--calib-images", type=positive_int, help="cap the recipe's calib_images (a small folder)")
     ap.add_argument("--target", type=positive_number, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
     ap.add_argument("--unit", choices=("block", "layer"), default="block",
                     help="what is put back in float at a time: a YOLO block, or one node (every quantized Conv, ...)")
@@ -291,13 +290,14 @@ def main(argv=None):
                                       "CSVs beside it): choose groups by agreement gained per millisecond")
     ap.add_argument("--ms-budget", type=non_negative_number,
                     help="with --profile: most milliseconds the float groups may add")
-    ap.add_argument("--trt", default="8.6")
-    ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity[-layers].json (+ .md)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
+    add_trt(ap)
+    add_results(ap)
+    ap.add_argument("-o", "--output", help="default: <results>/<model>/sensitivity[-layers].json (+ .md)")
     args = ap.parse_args(argv)
     recipe = load(args.recipe)
     plain_name = "sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json"
-    out = Path(args.output) if args.output else Layout(recipe.model).out / plain_name
+    default = Layout(recipe.model, results=Path(args.results).resolve()).out / plain_name
+    out = Path(args.output) if args.output else default
     layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
     for path in (out, out.with_suffix(".md")):  # refused before the analysis, not after it
         layout.guard(path)

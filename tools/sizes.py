@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tools.core.cli import add_results
 from tools.core.errors import UserError, run_main
 from tools.core.files import write_text
-from tools.core.layout import RUNS, Layout, guard
+from tools.core.layout import Layout, guard
 from tools.core.record import read_json
 from tools.core.sweep_table import Table, best
 from tools.profile import read_by_block
@@ -126,10 +127,9 @@ def markdown(rows: list[dict], missing: list[str], int8: str, heading: str = "# 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.sizes", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(RUNS), help="results root holding <model>/sweep.json (default: runs/)")
+    add_results(ap)
     ap.add_argument("--models", help="comma-separated models, in any order (default: every model swept there)")
     ap.add_argument("--int8", default="int8-qdq", help="the INT8 recipe set against fp16 (default: int8-qdq)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a committed sizes table")
     args = ap.parse_args(argv)
     results = Path(args.results).resolve()
     rows, missing = size_table(results, args.models.split(",") if args.models else None, args.int8)

@@ -6,7 +6,7 @@ by tools.scheduler: timings alone on their GPU, builds and accuracy side by side
 With `screen: {builder_optimization_level: L}` in the grid, FP16, the base and every point are first measured at the
 cheaper level L; the Pareto front is then measured again at the recipes' own level, beside FP16, the base and the
 other references, in the same run, and the report states how well the screening level ranked them.
-Every point is keyed by its inputs (tools/core/files.py, tools/core/recipe.py), so a sweep killed half-way and started again redoes no finished
+Every point is keyed by its inputs (tools/core/), so a sweep killed half-way and started again redoes no finished
 work; points can also be sharded over machines (`--shard 1/2`, `--shard 2/2`) and their records folders merged
 (`--table-only` rebuilds the table from whatever records are there).
 Writes <results>/<model>/sweep.{json,csv}: one row per configuration, level, profile and batch.
@@ -32,9 +32,9 @@ from tools.core.grid import Grid, Screen, expand, load_grid
 from tools.core.layout import Layout
 from tools.core.recipe import Recipe, dump
 from tools.core.record import engine_records, has_all_stages, read_json
+from tools.core.setup import Setup, add_setup_args, setup_from_args, setup_to_args
 from tools.core.sweep_table import pareto, stage_seconds, sweep_rows
-from tools.pipeline import STAGES, Setup, add_setup_args, have_tensorrt, parse_stages, run_recipe, setup_from_args, \
-    setup_to_args
+from tools.pipeline import STAGES, have_tensorrt, parse_stages, run_recipe
 from tools.scheduler import Job, run_chains
 from tools.trtexec_py import stop_server
 from tools.trtlog import to_csv

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from tools.core.cli import detect_version
+from tools.core.cli import add_trt, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.recipe import Recipe, load
 
@@ -66,7 +66,7 @@ def plan(recipe: Recipe, version: str) -> Plan:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.trt_plan", description=__doc__)
     ap.add_argument("recipe", nargs="?", help="recipe YAML; without one, print the TensorRT version in use")
-    ap.add_argument("--trt", default=None, help="TensorRT version to plan for (default: installed, else 10)")
+    add_trt(ap)
     args = ap.parse_args(argv)
     version = args.trt or detect_version()
     if not args.recipe:

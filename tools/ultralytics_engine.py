@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from tools.core.cli import image_size, positive_int
+from tools.core.cli import add_profiles, add_results, image_size, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, atomic_path
 from tools.core.layout import Layout
@@ -181,8 +181,8 @@ def main(argv=None):
     ap.add_argument("--imgsz", type=image_size, help="with -o: the engine's image size (default: the export's)")
     ap.add_argument("--quantize", type=int, choices=(8, 16), help="with -o: 8 for an INT8 engine, 16 for FP16")
     ap.add_argument("--recipe", help="write the copies of this recipe's engines, read from the run's records")
-    ap.add_argument("--profiles", help="with --recipe: comma-separated deployment profiles (default: all)")
-    ap.add_argument("--results", default="runs", help="with --recipe: the run's results root (default: runs/)")
+    add_profiles(ap)  # with --recipe
+    add_results(ap, overwrite=False)  # with --recipe
     args = ap.parse_args(argv)
     if args.recipe:
         outs = from_records(args.recipe, args.results, args.profiles.split(",") if args.profiles else None)

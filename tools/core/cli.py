@@ -6,6 +6,9 @@ import math
 import shutil
 import sys
 
+from tools.core.files import REPO
+from tools.core.layout import RUNS
+
 DEFAULT_TRT = "10"  # the TensorRT to plan for where none is installed to ask: what a user most likely runs
 
 
@@ -86,3 +89,75 @@ def detect_version() -> str:
         return tensorrt.__version__
     except ImportError:
         return DEFAULT_TRT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flags several verbs share, each spelled once here (tests/test_cli.py checks that every verb takes them from here)
+def add_results(ap: argparse.ArgumentParser, overwrite: bool = True) -> None:
+    """--results (where records and tables go) and, for verbs that write results, --overwrite."""
+    ap.add_argument("--results", default=str(RUNS),
+                    help="results root: records and tables under <results>/<model>/ (default: runs/; results/ is the "
+                         "committed set)")
+    if overwrite:
+        add_overwrite(ap)
+
+
+def add_overwrite(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--overwrite", action="store_true", help="replace committed (git-tracked) result files")
+
+
+def add_trt(ap: argparse.ArgumentParser) -> None:
+    """--trt: the TensorRT a plan is made for; None means detect_version()'s answer, resolved where it is used."""
+    ap.add_argument("--trt", help=f"TensorRT version to plan for (default: the installed one, else {DEFAULT_TRT})")
+
+
+def add_trtexec(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--trtexec", help="trtexec command (default: trtexec if on PATH, else python -m tools.trtexec_py)")
+
+
+def add_polygraphy(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--polygraphy",
+                    help="polygraphy command (default: polygraphy, else python -m tools.polygraphy_cli)")
+
+
+def add_imgsz(ap: argparse.ArgumentParser, help: str = "square input size") -> None:
+    ap.add_argument("--imgsz", type=image_size, default=640, help=f"{help} (a multiple of 32; default: 640)")
+
+
+def add_timing(ap: argparse.ArgumentParser) -> None:
+    """The timing protocol of one (batch, CUDA graph) run."""
+    ap.add_argument("--warmup-ms", type=positive_int, default=500, help="warm-up before timing, ms (default: 500)")
+    ap.add_argument("--duration", type=positive_number, default=3.0,
+                    help="seconds timed per (batch, CUDA graph) run (default: 3)")
+
+
+def add_calib_dir(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--calib-dir", default=str(REPO / "calib" / "images"),
+                    help="calibration images, never evaluation images (default: calib/images)")
+
+
+def add_eval_dir(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--eval-dir", default=str(REPO / "data" / "coco-mini"),
+                    help="evaluation images/ + annotations.json (+ exact_ids.txt); calibration images are checked "
+                         "against it (default: data/coco-mini)")
+
+
+def add_calib_images(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--calib-images", type=positive_int,
+                    help="cap every recipe's calib_images (e.g. for a small folder); names follow the capped count")
+
+
+def add_data(ap: argparse.ArgumentParser) -> None:
+    """Calibration and evaluation images: every verb that calibrates checks that the two sets are disjoint."""
+    add_calib_dir(ap)
+    add_eval_dir(ap)
+    add_calib_images(ap)
+
+
+def add_level(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--level", type=builder_level,
+                    help="build every recipe at this builder optimization level (0-5; default: each recipe's own)")
+
+
+def add_profiles(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--profiles", help="comma-separated deployment profiles (default: each recipe's all)")
