@@ -150,7 +150,7 @@ def parse_file_text(text):
 
 
 def test_per_layer_profile_of_a_real_engine(engine, tmp_path):
-    from tools.profile import load
+    from tools.yolo.layers import load
 
     path, _ = engine
     layers, prof = tmp_path / "l.json", tmp_path / "p.json"

@@ -1,4 +1,4 @@
-"""tools.profile on real per-layer exports (YOLO11n, H200, TensorRT 8.6.1, level 1, static batch 32) and the
+"""The per-layer analysis (tools/yolo/layers.py) on real per-layer exports (YOLO11n, H200, TensorRT 8.6.1, level 1, static batch 32) and the
 fallback's profiling flags. Expected counts and sums are read off the raw files with regexes, not with the tool."""
 import gzip
 import json
@@ -8,10 +8,11 @@ import sys
 import pytest
 from conftest import REPO
 
+from tools.bench import layers_args, time_layers
 from tools.core.errors import UserError
-from tools.profile import assign_blocks, by_block, compare, load, profile_args, profile_table, read_layers, \
-    read_profile, report, short_format, totals
 from tools.trtexec_py import parse_flags, profile_records, profile_text
+from tools.yolo.layers import assign_blocks, by_block, compare, layer_table, load, read_layer_times, read_layers, \
+    short_format, totals, write_tables
 
 DATA = REPO / "tests" / "data" / "profile"
 ENGINES = ("fp16", "int8-qdq")
@@ -35,7 +36,7 @@ def test_reads_trt86_layer_json_despite_its_control_characters():
     assert len(layers) == text.count('"LayerType":') == 236
     conv0 = next(x for x in layers if "/model.0/conv/Conv" in x.name)
     assert "\x1e" in conv0.metadata and conv0.layer_type == "CaskConvolution"
-    rows = profile_table([conv0], {})
+    rows = layer_table([conv0], {})
     assert rows[0]["onnx_nodes"].split() == ["/model.0/conv/Conv", "/model.0/act/Sigmoid", "/model.0/act/Mul"]
     assert rows[0]["precision"] == "int8" and rows[0]["block"] == "model.0"
     assert short_format(conv0.outputs[0].format) == "int8 NC/32HW32"
@@ -61,7 +62,7 @@ def test_blocks_of_layers_without_onnx_nodes(rows):
 
 
 def test_head_is_found_by_its_dfl_nodes_not_by_number():
-    from tools.profile import Layer
+    from tools.yolo.layers import Layer
 
     layers = [Layer("/model.7/conv/Conv", "CaskConvolution", metadata="[ONNX Layer: /model.7/conv/Conv]"),
               Layer("/model.7/dfl/Softmax", "CaskSoftMaxV2", metadata="[ONNX Layer: /model.7/dfl/Softmax]"),
@@ -124,7 +125,7 @@ def test_by_block_and_comparison(rows):
 def test_report_writes_tables_summary_and_plot(tmp_path):
     pairs = [(lab, DATA / f"{lab}.b32.L1.layers.json.gz", DATA / f"{lab}.b32.L1.profile.json.gz") for lab in ENGINES]
     (tmp_path / "qdq-old.layers.csv").write_text("name,ms\n")  # an earlier comparison's engine
-    paths = report(pairs, tmp_path, {"fp16": 4.08, "int8-qdq": 3.26})
+    paths = write_tables(pairs, tmp_path, {"fp16": 4.08, "int8-qdq": 3.26})
     assert sorted(p.name for p in tmp_path.glob("*.layers.csv")) == ["fp16.layers.csv", "int8-qdq.layers.csv"]
     md = paths["summary"].read_text()
     # the largest reformat / Q/DQ layers, found in the raw files: max medianMs among LayerType Reformat
@@ -155,7 +156,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no 'Layers' list"):
         read_layers(DATA / "fp16.b32.L1.profile.json.gz")  # the two files swapped
     with pytest.raises(UserError, match="no per-layer records"):
-        read_profile(DATA / "fp16.b32.L1.layers.json.gz")
+        read_layer_times(DATA / "fp16.b32.L1.layers.json.gz")
     with pytest.raises(UserError, match="export both from one engine"):
         load(DATA / "fp16.b32.L1.layers.json.gz", DATA / "int8-qdq.b32.L1.profile.json.gz")
 
@@ -167,13 +168,13 @@ def test_strict_json_in_trt10_style(tmp_path):
              "TacticValue": "0x00000000000003ea", "Metadata": "[ONNX Layer: /model.23/dfl/conv/Conv]\x1f"}
     path = tmp_path / "l.json"
     path.write_text(json.dumps({"Layers": [layer], "Bindings": ["a", "b"]}))  # escaped: strict JSON
-    (row,) = profile_table(read_layers(path), {"/model.23/dfl/conv/Conv": 0.1})
+    (row,) = layer_table(read_layers(path), {"/model.23/dfl/conv/Conv": 0.1})
     assert (row["block"], row["branch"], row["kind"], row["precision"]) == ("model.23", "dfl", "conv", "fp16")
     assert row["tactic"] == "0x00000000000003ea"
 
 
 def test_fallback_takes_the_profiling_flags_and_writes_trtexecs_profile_format(tmp_path):
-    args = profile_args("e.engine", 32, 640, "l.json", "p.json")
+    args = layers_args("e.engine", 32, 640, "l.json", "p.json")
     opts = parse_flags(args)
     assert opts["separateProfileRun"] and opts["dumpProfile"] and opts["noDataTransfers"]
     assert (opts["exportProfile"], opts["exportLayerInfo"], opts["shapes"]) == ("p.json", "l.json",
@@ -187,7 +188,7 @@ def test_fallback_takes_the_profiling_flags_and_writes_trtexecs_profile_format(t
     assert records[1] == {"name": "conv", "timeMs": 6.0, "averageMs": 2.0, "medianMs": 2.0, "percentage": 80.0}
     path = tmp_path / "p.json"
     path.write_text(json.dumps(records))
-    assert read_profile(path) == {"conv": 2.0, "copy": 0.5}
+    assert read_layer_times(path) == {"conv": 2.0, "copy": 0.5}
     assert profile_text(records).splitlines()[-1].split()[-1] == "Total"
 
 
@@ -200,20 +201,18 @@ print("[I] GPU Compute Time: min = 3.2 ms, max = 3.4 ms, mean = 3.26 ms, median 
 '''
 
 
-def test_profile_engine_through_a_stand_in_trtexec(tmp_path):
+def test_time_layers_through_a_stand_in_trtexec(tmp_path):
     """The glue the pipeline calls, with a script in trtexec's place that writes the H200 exports."""
-    from tools.profile import profile_engine
-
     script = tmp_path / "fake_trtexec.py"
     script.write_text(FAKE_TRTEXEC)
     (tmp_path / "logs").mkdir()
-    rec = profile_engine(tmp_path / "e.engine", [sys.executable, str(script), str(DATA)], tmp_path / "logs/e", 32, 640)
+    rec = time_layers(tmp_path / "e.engine", [sys.executable, str(script), str(DATA)], tmp_path / "logs/e", 32, 640)
     assert rec["e2e_ms"] == 3.26 and rec["layers_ms"] == pytest.approx(3.0936, abs=1e-4)
     assert rec["reformat_n"] == 48 and rec["profiled_runs"] == 50 and rec["ms_by_precision"]["int8"] > 2
     assert rec["csv"].endswith("e.profile-b32.layers.csv") and (tmp_path / "logs/e.profile-b32.log").is_file()
-    with pytest.raises(UserError, match=r"e\.profile-b8\.log: profiling .* failed"):
-        profile_engine(tmp_path / "e.engine", [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "logs/e",
-                       8, 640)
+    with pytest.raises(UserError, match=r"e\.profile-b8\.log: timing the layers of .* failed"):
+        time_layers(tmp_path / "e.engine", [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / "logs/e",
+                    8, 640)
 
 
 def test_make_profile_reads_the_records_of_the_run(tmp_path):

@@ -73,13 +73,13 @@ PROFILE = REPO / "results" / "yolo11n" / "profile" / "b32-L3" / "by-block.csv"
 
 def test_every_block_group_has_its_cost_in_the_per_layer_profile(quantized):
     """The latency-aware proposal reads each group's cost from `make profile`'s by-block table: the names must meet."""
-    from tools.sensitivity import block_costs, profile_block
+    from tools.sensitivity import block_costs, layers_block
 
     _, _, path = quantized
     groups = block_groups([n.name for n in onnx.load(str(path)).graph.node])
     costs = block_costs(PROFILE, "int8-qdq")
-    assert {profile_block(g) for g in groups} <= set(costs)
-    assert profile_block("head-dfl (model.23.dfl)") == "model.23/dfl" and profile_block("model.7") == "model.7"
+    assert {layers_block(g) for g in groups} <= set(costs)
+    assert layers_block("head-dfl (model.23.dfl)") == "model.23/dfl" and layers_block("model.7") == "model.7"
 
 
 def test_latency_order_takes_free_blocks_first_then_gain_per_ms():

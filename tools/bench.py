@@ -1,4 +1,5 @@
-"""Time an engine with trtexec (or the fallback) at each batch size, with and without CUDA graphs.
+"""Time an engine with trtexec (or the fallback) at each batch size, with and without CUDA graphs; and layer by
+layer (the pipeline's `layers` stage, `make profile`).
 
 One trtexec run per (batch, CUDA graph) with --noDataTransfers, so latency is GPU compute time; each log is parsed
 by tools.trtlog. Throughput in images/s is trtexec's qps times the batch.
@@ -12,9 +13,10 @@ from pathlib import Path
 
 from tools.core.cli import add_imgsz, add_timing, add_trtexec, default_trtexec
 from tools.core.errors import UserError, run_main
-from tools.core.files import write_text
+from tools.core.files import to_csv, write_text
 from tools.engine import run_logged, shape
-from tools.trtlog import parse_file, to_csv
+from tools.trtlog import parse_file
+from tools.yolo.layers import KINDS, load, precisions_of, rounded, timed_runs, totals
 
 
 def bench_args(engine, batch: int, imgsz: int, cuda_graph: bool, warmup_ms: int, duration_s: float,
@@ -51,6 +53,37 @@ def bench(engine, trtexec: list[str], log_prefix, batches=(1, 8, 32), imgsz=640,
                                                                  if "activation_bytes" in parsed else None),
                          "fallback": parsed["fallback"], "log": str(log)})
     return rows
+
+
+def layers_args(engine, batch: int, imgsz: int, layers_json, profile_json, layout: str = "nchw") -> list[str]:
+    """trtexec flags: unprofiled timing runs (their median is the end-to-end time), then a profiled run of its own."""
+    return [f"--loadEngine={engine}", f"--shapes={shape(batch, imgsz, layout)}", "--noDataTransfers", "--separateProfileRun",
+            "--dumpProfile", f"--exportProfile={profile_json}", f"--exportLayerInfo={layers_json}"]
+
+
+def time_layers(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int, layout: str = "nchw") -> dict:
+    """Time `engine` (built with --profilingVerbosity=detailed) layer by layer at one batch size: writes
+    <log_prefix>.profile-b<batch>.{log,layers.json,profile.json,layers.csv}; returns a small record for the
+    engine's results (paths, sum of layer medians and end-to-end median, ms by kind and precision, reformats)."""
+    prefix = f"{log_prefix}.profile-b{batch}"
+    log, layers_json, profile_json, csv_path = (Path(prefix + s) for s in (".log", ".layers.json", ".profile.json",
+                                                                           ".layers.csv"))
+    for p in (layers_json, profile_json):
+        p.unlink(missing_ok=True)  # a failed run must not leave an earlier engine's export to be read as this one's
+    rc, _ = run_logged(trtexec + layers_args(engine, batch, imgsz, layers_json, profile_json, layout), log)
+    if rc != 0 or not (layers_json.is_file() and profile_json.is_file()):
+        raise UserError(f"{log}: timing the layers of {engine} at batch {batch} failed (exit {rc}); read the log")
+    rows = load(layers_json, profile_json)
+    write_text(csv_path, to_csv(rounded(rows)))
+    t = totals(rows)
+    return {"batch": batch, "log": str(log), "layers_json": str(layers_json), "profile_json": str(profile_json),
+            "csv": str(csv_path), "profiled_runs": timed_runs(profile_json), "layers_run": t["layers_run"],
+            "layers_ms": round(t["ms"], 4), "e2e_ms": parse_file(log).get("gpu_median_ms"),
+            "ms_by_kind": {k: round(t[f"{k}_ms"], 4) for k in KINDS[:-1] if t[f"{k}_ms"]},
+            "ms_by_precision": {p: round(t[f"{p}_ms"], 4) for p in precisions_of(rows) if t[f"{p}_ms"]},
+            "reformat_n": t["reformat_n"], "reformat_ms": round(t["reformat_ms"], 4)}
+
+
 
 
 def main(argv=None):

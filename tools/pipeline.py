@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from tools.bench import bench
+from tools.bench import bench, time_layers
 from tools.calib import build_calibration, check_disjoint, select_images
 from tools.compare import compare
 from tools.core.errors import UserError, run_main
@@ -38,7 +38,6 @@ from tools.engine import build, input_layout
 from tools.evaluate import evaluate
 from tools.export import check_detector
 from tools.implicit_calib import calibration_cache
-from tools.profile import profile_engine
 from tools.quantize import calibration_name, modelopt_scratch, quantize, quantized_path
 from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
@@ -377,7 +376,7 @@ def accuracy_done(point: Point) -> bool:
 def layers_run(point: Point) -> None:
     layout, rec = point.layout, point.record.data
     profile = point.recipe.profiles[point.profile]
-    found = profile_engine(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
+    found = time_layers(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
                            layout.logs / point.engine_stem, profile.max, point.recipe.imgsz,
                            input_layout(point.recipe))
     rec["layers"] = {k: layout.rel(v) if k in LOG_KEYS else v for k, v in found.items()}

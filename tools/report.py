@@ -23,9 +23,9 @@ from tools.core.layout import Layout
 from tools.core.recipe import dump, from_dict
 from tools.core.record import read_json
 from tools.core.sweep_table import Table, best, p99, pareto, selection_map
-from tools.profile import read_by_block
 from tools.sizes import markdown, size_table
 from tools.summary import fmt
+from tools.yolo.layers import read_by_block
 
 ULTRALYTICS = ("int8-implicit", "int8-ultralytics")
 NOISE = 0.2  # mAP points: how far the same configuration moved between freshly built engines (README)
@@ -247,7 +247,7 @@ def cost(sweep: dict) -> str:
 
 def profile_section(layout: Layout, table: Table) -> list[str]:
     """Where INT8 loses its 2x at the throughput profile, from `make profile`'s by-block table, where it exists."""
-    folder = layout.out / "profile" / f"{table.throughput_profile}-L{table.final}"
+    folder = layout.layer_tables(table.throughput_profile, table.final)
     if not (folder / "by-block.csv").is_file():
         return []
     rows = read_by_block(folder / "by-block.csv")

@@ -43,10 +43,10 @@ from tools.core.layout import Layout
 from tools.core.recipe import load
 from tools.core.record import read_json
 from tools.evaluate import coco_stats, onnxruntime_model
-from tools.profile import read_by_block
 from tools.quantize import quantize
 from tools.yolo import graph as yolo_graph
 from tools.yolo.decode import postprocess
+from tools.yolo.layers import read_by_block
 from tools.yolo.preprocess import preprocess, to_input
 from tools.yolo.qdq_fp16 import for_onnxruntime
 
@@ -86,8 +86,9 @@ def groups_of(model, unit: str) -> dict[str, str]:
     return layer_groups(model) if unit == "layer" else block_groups([n.name for n in model.graph.node])
 
 
-def profile_block(label: str) -> str:
-    """The block name `tools.profile` gives the same group: model.K, or model.K/cv2|cv3|dfl for the head's branches."""
+def layers_block(label: str) -> str:
+    """The block name the per-layer tables (tools/yolo/layers.py) give the same group: model.K, or model.K/cv2|cv3|dfl
+    for the head's branches."""
     m = re.fullmatch(r"head-\w+ \(model\.(\d+)\.(\w+)\)", label)
     return f"model.{m.group(1)}/{m.group(2)}" if m else label
 
@@ -132,7 +133,7 @@ def layer_costs(csv_path, recipe: str, nodes) -> dict[str, float]:
 def block_cost(costs: dict[str, float], label: str) -> float:
     """The ms of a sensitivity group in `block_costs` (blocks) or `layer_costs` (nodes, their own labels); a group the
     profile lacks ran nowhere: it costs nothing."""
-    return costs.get(profile_block(label), 0.0)
+    return costs.get(layers_block(label), 0.0)
 
 
 def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tools.core.cli import add_results
 from tools.core.errors import UserError, run_main
-from tools.core.files import write_text
+from tools.core.files import to_csv, write_text
 from tools.core.layout import Layout, guard
 from tools.core.record import read_json
 from tools.core.sweep_table import Table, best
-from tools.profile import read_by_block
-from tools.trtlog import parse_file, to_csv
+from tools.trtlog import parse_file
+from tools.yolo.layers import read_by_block
 
 COLUMNS = {"model": "model", "weights": "weights", "profile": "profile", "batch": "batch", "level": "level",
            "fp16_ms": "FP16 p50 ms", "int8_ms": "INT8 p50 ms", "speedup": "INT8 speed-up", "fp16_ips": "FP16 img/s",
@@ -45,7 +45,7 @@ def avg_timing(layout: Layout, rec: dict) -> int | None:
 
 
 def conv_speedup(layout: Layout, profile: str, level: int, int8: str) -> float | None:
-    path = layout.out / "profile" / f"{profile}-L{level}" / "by-block.csv"
+    path = layout.layer_tables(profile, level) / "by-block.csv"
     if not path.is_file():
         return None
     value = read_by_block(path).get("all", {}).get(f"conv_speedup_{int8}")

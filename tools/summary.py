@@ -13,13 +13,12 @@ import argparse
 from pathlib import Path
 
 from tools.core.errors import run_main
-from tools.core.files import REPO, eval_set
+from tools.core.files import REPO, eval_set, to_csv
 from tools.core.layout import Layout
 from tools.core.recipe import load
 from tools.core.record import engine_records, engine_rows, newest_per, read_json, read_records
 from tools.core.setup import add_setup_args, setup_from_args
 from tools.pipeline import Point, check_names, onnxrt_results
-from tools.trtlog import to_csv
 from tools.yolo.graph import is_random_weights
 
 

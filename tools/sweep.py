@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tools.core.cli import non_negative_number, positive_int
 from tools.core.errors import UserError, run_main
-from tools.core.files import REPO, digest
+from tools.core.files import REPO, digest, to_csv
 from tools.core.grid import Grid, Screen, expand, load_grid
 from tools.core.layout import Layout
 from tools.core.recipe import Recipe, dump
@@ -37,7 +37,6 @@ from tools.core.sweep_table import pareto, stage_seconds, sweep_rows
 from tools.pipeline import STAGES, have_tensorrt, parse_stages, run_recipe
 from tools.scheduler import Job, run_chains
 from tools.trtexec_py import stop_server
-from tools.trtlog import to_csv
 
 # settings that change only the quantization scales, not the layers TensorRT times (its timing cache keys a layer by
 # type, shapes, precision and formats, not by weights or scales)

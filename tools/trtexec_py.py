@@ -550,7 +550,7 @@ def build_on_server(address: str, argv: list[str]) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-layer profiling: trtexec's flags for it, and its export format (read back by tools.profile)
+# Per-layer profiling: trtexec's flags for it, and its export format (read back by tools/yolo/layers.py)
 FLAGS_WITH_VALUE |= {"exportProfile", "exportLayerInfo", "profilingVerbosity"}
 SWITCHES |= {"dumpProfile", "dumpLayerInfo", "separateProfileRun"}
 

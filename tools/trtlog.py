@@ -6,11 +6,10 @@ statistics. Usage: python -m tools.trtlog logs/yolo11n/*.log -o results/yolo11n/
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import re
 from pathlib import Path
 
+from tools.core.files import to_csv
 from tools.core.errors import UserError, run_main
 from tools.core.files import write_text
 
@@ -62,17 +61,6 @@ def parse_file(path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such log; run the build/bench step that writes it")
     return {"log": str(path), **parse(path.read_text(errors="replace"))}
-
-
-def to_csv(rows: list[dict]) -> str:
-    fields = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def main(argv=None):

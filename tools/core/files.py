@@ -6,9 +6,11 @@ names and bytes, the evaluation set (images, annotations, exact-annotation ids).
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -162,3 +164,15 @@ def run_logged(cmd: list[str], log_path, env: dict | None = None) -> tuple[int, 
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **env} if env else None).returncode
     return rc, time.perf_counter() - t0
+
+
+def to_csv(rows: list[dict]) -> str:
+    """Rows as CSV text, the columns in the order they first appear."""
+    fields = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

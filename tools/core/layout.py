@@ -69,6 +69,10 @@ class Layout:
     def onnxrt(self) -> Path:
         return self.out / "onnxrt"
 
+    def layer_tables(self, profile: str, level: int) -> Path:
+        """`make profile`'s per-layer tables of one deployment profile and builder level (folder names as published)."""
+        return self.out / "profile" / f"{profile}-L{level}"
+
     def rel(self, path) -> str:
         """A path as records store it: relative to the checkout where it lies inside it."""
         path = Path(path)
