@@ -181,11 +181,17 @@ def test_pipeline_builds_the_end_to_end_onnx_once_and_keys_it(tmp_path, monkeypa
     assert raw.engine_onnx == raw.onnx == MODEL
     path = e2e.engine_onnx
     assert path.parent == tmp_path / "models/yolo11n/deploy" and path.name.startswith("yolo11n.e2e-")
+    assert not path.exists()  # a Point only names it: making it is make_onnx's work
+    with pytest.raises(UserError, match="not made yet; run its CPU stages first"):
+        e2e.engine_key
+    pipeline.make_onnx(e2e)
     mtime = path.stat().st_mtime_ns
     again = pipeline.Point(load(E2E), setup(tmp_path), "b1")
+    pipeline.make_onnx(again)
     assert again.engine_onnx == path and path.stat().st_mtime_ns == mtime  # cached by content
     assert e2e.engine_key != raw.engine_key
     nchw = pipeline.Point(load(E2E).replace(deploy={"input": "uint8-nchw", "nms": {}}), setup(tmp_path), "b1")
+    pipeline.make_onnx(nchw)
     assert nchw.engine_key not in (e2e.engine_key, raw.engine_key) and nchw.engine_onnx != path
     rec = e2e.fresh_record()
     assert rec["onnx"] == str(path.relative_to(tmp_path)) and rec["recipe"]["deploy"]["input"] == "uint8-nhwc"

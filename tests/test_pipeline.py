@@ -202,3 +202,15 @@ def test_no_stage_runs_on_a_model_that_is_not_a_detector(tmp_path):
     with pytest.raises(UserError, match="cls.onnx"):
         pipeline.run_recipe(recipe, dataclasses.replace(setup(tmp_path), root=tmp_path), ("calib", "quantize"))
     assert not (tmp_path / "calib").exists() and not (tmp_path / "models").exists()  # refused before any work
+
+
+def test_a_point_names_the_quantized_model_without_making_it(tmp_path):
+    """Reading Point.onnx starts no ModelOpt run: the quantize stage makes the file, and its done-check and the Point
+    name the same path."""
+    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    point = pipeline.Point(recipe, setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path,
+                                                   trt_version="8.6.1"), "b1")
+    assert point.onnx.parent == tmp_path / "models/yolo11n/quant" and point.onnx.name.startswith("int8-qdq.")
+    assert not point.onnx.exists() and not pipeline.quantize_done(point)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()  # nothing was started
+    assert pipeline.onnxrt_results(point) == []  # a summary of a run that never quantized reads the FP32 score only

@@ -43,7 +43,6 @@ NHWC_TO_NCHW = (0, 3, 1, 2)
 
 
 def load(path):
-
     try:
         return onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - DecodeError, OSError, ... for a damaged file
@@ -127,15 +126,20 @@ def end_to_end(model, deploy, source: str = "model"):
     return model
 
 
+def graph_path(source, deploy, layout) -> Path:
+    """Where the end-to-end graph of `source` lies under `layout` (tools.core.layout): named by the source's bytes
+    and the deploy settings."""
+    return layout.deploy_onnx(source, digest({"source": file_digest(source), "deploy": deploy.model_dump()}))
+
+
 def build(source, deploy, layout) -> Path:
-    """The end-to-end graph of `source` under `layout` (tools.core.layout), made once per source bytes and settings."""
+    """The end-to-end graph of `source` (graph_path), made once per source bytes and settings."""
     source = Path(source)
-    out = layout.deploy_onnx(source, digest({"source": file_digest(source), "deploy": deploy.model_dump()}))
+    out = graph_path(source, deploy, layout)
     if out.is_file():
         return out
     model = end_to_end(load(source), deploy, str(source))
     with atomic_path(out) as tmp:
-
         onnx.save(model, str(tmp))
     return out
 
@@ -172,7 +176,6 @@ def main(argv=None):
     deploy = from_dict({"name": "cli", "deploy": {"input": args.input, "nms": nms}}, "tools.deploy_graph flags").deploy
     model = end_to_end(load(args.model), deploy, args.model)
     with atomic_path(args.output) as tmp:
-
         onnx.save(model, str(tmp))
     print(f"wrote {args.output}: input {INPUT} uint8 {deploy.layout.upper()}"
           + (f", {PLUGIN} (conf {args.conf:g}, IoU {args.iou:g}, {args.max_det} boxes)" if nms else ""))

@@ -157,7 +157,6 @@ class Cuda:
     """The few CUDA runtime calls the loops need (ctypes on the runtime Polygraphy finds): no torch, no cuda-python."""
 
     def __init__(self):
-
         self.rt = cuda.wrapper().handle
 
     def check(self, status, what):

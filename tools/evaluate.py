@@ -73,7 +73,6 @@ def _nms(args):
 
 class OnnxrtBackend(Backend):
     def __init__(self, onnx_path, threads: int | None = None):
-
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -107,8 +106,6 @@ def onnxruntime_reason(error: Exception) -> str:
 def onnxruntime_model(onnx_path) -> bytes | str:
     """What ONNX Runtime should load: the model itself, except that an FP16 Q/DQ flavour gets float32 QuantizeLinear
     where this ONNX Runtime truncates float16 ones (tools/yolo/qdq_fp16.py; its scores collapse otherwise)."""
-
-
     try:
         model = onnx.load(str(onnx_path))
     except Exception:  # noqa: BLE001 - ONNX Runtime names what is wrong with the file
@@ -229,7 +226,6 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
             prep_cache: dict | None = None) -> list[dict]:
     """Detections of every image in COCO results format. `prep_cache` keeps preprocessed images between calls
     (a sweep scores every configuration on the same images)."""
-
     imap = pool.imap if pool else map
     cache = {} if prep_cache is None else prep_cache
     results = []
@@ -249,7 +245,6 @@ def predict(backend, files, imgsz=640, batch=32, conf=0.001, iou=0.7, max_det=30
 def coco_stats(coco_gt, detections, image_ids=None) -> tuple[float, float]:
     """COCOeval bbox (mAP50-95, mAP50) of `detections` (COCO results format, not empty) over `image_ids` (default:
     every image of `coco_gt`); COCOeval's printout swallowed."""
-
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox", print_function=lambda *_: None)
         if image_ids is not None:
@@ -330,7 +325,6 @@ def read_exact_ids(exact_file: Path) -> set[int]:
 
 
 def load_ground_truth(image_dir, annotations=None):
-
     files = list_images(image_dir)
     if annotations is None:
         annotations = find_annotations(image_dir, files)

@@ -33,12 +33,12 @@ from tools.core.files import atomic_path, digest, eval_set, file_digest, list_im
 from tools.core.recipe import Recipe, load, to_dict
 from tools.core.record import LOG_KEYS, Record, now_utc, read_json
 from tools.core.setup import Setup, add_setup_args, setup_from_args
-from tools.deploy_graph import build as end_to_end_graph
+from tools.deploy_graph import build as end_to_end_graph, graph_path
 from tools.engine import build, input_layout
 from tools.evaluate import evaluate
 from tools.export import check_detector
 from tools.implicit_calib import calibration_cache
-from tools.quantize import calibration_name, modelopt_scratch, quantize, quantized_path
+from tools.quantize import calibration_name, modelopt_scratch, quantization_record, quantize, quantized_path
 from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 from tools.trtlog import parse_file
@@ -75,7 +75,8 @@ def model_facts(path: str, sha256: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 class Point:
     """One recipe on one TensorRT + GPU, and (for the GPU stages) one of its deployment profiles: every artifact's
-    path and key, computed when first needed."""
+    path and key, computed when first needed. A Point only reads: the stages make the files (make_onnx, the stage
+    table), and a key that hashes a file's content needs the file to exist."""
 
     def __init__(self, recipe: Recipe, setup: Setup, profile: str | None = None):
         self.recipe, self.setup, self.profile = recipe, setup, profile
@@ -112,13 +113,12 @@ class Point:
 
     @cached_property
     def onnx(self) -> Path:
-        """The ONNX this engine is built from on this TensorRT (quantized or converted as the plan says)."""
+        """The ONNX this engine is built from on this TensorRT (quantized or converted as the plan says): the quantize
+        stage writes the Q/DQ model there (its name is tools.quantize's quantized_path), make_onnx the AutoCast one."""
         if self.plan.onnx_kind == "qdq":
-
-            return quantize(self.recipe, self.setup.version(), self.setup.calib_dir, self.setup.eval_dir,
-                            self.setup.root)
+            return quantized_path(self.recipe, self.plan.high_precision_dtype, self.setup.root, self.calib_npy.stem)
         if self.plan.onnx_kind == "autocast-fp16":
-            return autocast_fp16(self)
+            return self.layout.autocast_onnx(self.model_onnx, self.recipe.imgsz)
         return self.model_onnx
 
     @cached_property
@@ -127,8 +127,7 @@ class Point:
         model after quantization so that its scales are the raw recipe's (tools/deploy_graph.py says why)."""
         if self.recipe.deploy is None:
             return self.onnx
-
-        return end_to_end_graph(self.onnx, self.recipe.deploy, self.layout)
+        return graph_path(self.onnx, self.recipe.deploy, self.layout)
 
     @cached_property
     def gpu(self) -> str:
@@ -143,6 +142,9 @@ class Point:
 
     @cached_property
     def engine_key(self) -> str:
+        if not self.engine_onnx.is_file():
+            raise UserError(f"{self.engine_onnx}: the ONNX recipe {self.recipe.name!r} builds its engines from is not "
+                            f"made yet; run its CPU stages first (make cpu RECIPES=..., or make quantize RECIPE=...)")
         return digest({"settings": self.recipe.engine_settings(self.profile), "onnx": file_digest(self.engine_onnx),
                        "trt": self.setup.version(), "gpu": self.gpu, "avg_timing": AVG_TIMING,
                        "implicit_calibration": self.implicit_cache.name if self.implicit_cache else None})
@@ -161,18 +163,17 @@ class Point:
 
     @property
     def engine_path(self) -> Path:
-        return self.layout.engines / f"{self.engine_stem}.engine"
+        return self.layout.engine(self.engine_stem)
 
     @cached_property
     def record(self) -> Record:
         """This point's record: what is already known of it, or a fresh one saying what it will be built from."""
-        path = self.layout.points / f"{self.recipe.name}.{self.profile}.{self.key}.json"
-        return Record.open(path, self.fresh_record)
+        return Record.open(self.layout.point_record(self.recipe.name, self.profile, self.key), self.fresh_record)
 
     def fresh_record(self) -> dict:
         """What a new record says before any stage ran: the recipe, the plan and what it is built from."""
         r, p = self.recipe, self.recipe.profiles[self.profile]
-        qjson = self.onnx.with_suffix(".json")
+        qjson = quantization_record(self.onnx)
         return {"name": r.name, "key": self.key, "engine_key": self.engine_key, "model": r.model,
                 "random_weights": self.random_weights,
                 "precision": r.precision, "profile": {"name": self.profile, **p.model_dump(), "static": p.static},
@@ -190,11 +191,7 @@ def autocast_fp16(point: Point) -> Path:
     keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
     random input fails on a dynamic-shape model); the model keeps FP32 inputs and outputs."""
     recipe, setup, layout = point.recipe, point.setup, point.layout
-    source = point.model_onnx
-    size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
-    out = layout.quant / f"{recipe.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
-    if out.is_file():
-        return out
+    source, out = point.model_onnx, point.onnx  # AutoCast judges overflow on an image of the recipe's size
     image = layout.calib / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input name
     if not image.is_file():
         build_calibration(setup.calib_dir, image.with_suffix(".npy"), 1, 0, recipe.imgsz, setup.eval_dir)
@@ -208,7 +205,18 @@ def autocast_fp16(point: Point) -> Path:
         if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt AutoCast failed (exit {rc}); read the log's last lines")
         os.replace(result, out)
-    return out
+
+
+def make_onnx(point: Point) -> None:
+    """Make what `point.engine_onnx` names where it is missing, before any stage reads it (or hashes it into a key):
+    the Q/DQ model (the quantize stage), ModelOpt AutoCast's FP16 model (TensorRT 11), then the end-to-end graph
+    (recipe key `deploy`)."""
+    if point.plan.onnx_kind == "qdq" and not quantize_done(point):
+        quantize_run(point)
+    if point.plan.onnx_kind == "autocast-fp16" and not point.onnx.is_file():
+        autocast_fp16(point)
+    if point.recipe.deploy is not None and not point.engine_onnx.is_file():
+        end_to_end_graph(point.onnx, point.recipe.deploy, point.layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,12 +228,13 @@ def calib_run(point: Point) -> None:
 
 
 def quantize_run(point: Point) -> None:
-    print(f"  {point.recipe.name}: quantized model {point.layout.rel(point.onnx)}")
+    s = point.setup
+    made = quantize(point.recipe, s.version(), s.calib_dir, s.eval_dir, s.root)
+    print(f"  {point.recipe.name}: quantized model {point.layout.rel(made)}")
 
 
 def quantize_done(point: Point) -> bool:
-    return quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root,
-                          point.calib_npy.stem).is_file()
+    return point.onnx.is_file()
 
 
 def onnxrt_source(point: Point) -> Path:
@@ -241,7 +250,7 @@ def onnxrt_path(point: Point, onnx: Path) -> Path:
     # the image size joins the key only off its default, so the scores of 640 recipes keep their names
     size = {"imgsz": point.recipe.imgsz} if point.recipe.imgsz != 640 else {}
     key = digest({"onnx": file_digest(onnx), "eval": point.eval["key"], **size})
-    return point.layout.onnxrt / f"{onnxrt_kind(point, onnx)}.{key}.json"
+    return point.layout.onnxrt_result(onnxrt_kind(point, onnx), key)
 
 
 def onnxrt_score(point: Point, onnx: Path) -> dict:
@@ -282,10 +291,8 @@ def onnxrt_results(point: Point) -> list[Path]:
     """The ONNX Runtime results this recipe's run stands on (its model's, and FP32's beside a Q/DQ model) as they
     exist now, found by their keys, without building anything: what a summary of the run shows."""
     wanted = [point.model_onnx]
-    if point.plan.onnx_kind == "qdq":
-
-        qdq = quantized_path(point.recipe, point.plan.high_precision_dtype, point.setup.root, point.calib_npy.stem)
-        wanted = [qdq, point.model_onnx] if qdq.is_file() else [point.model_onnx]
+    if point.plan.onnx_kind == "qdq" and point.onnx.is_file():
+        wanted = [point.onnx, point.model_onnx]
     return [p for p in (onnxrt_path(point, onnx) for onnx in wanted) if p.is_file()]
 
 
@@ -295,7 +302,7 @@ def engine_run(point: Point) -> None:
     cache = None
     if r.timing_cache:  # TensorRT refuses a cache from another precision or level: one cache per combination
         cache_key = digest([setup.version(), point.gpu, point.plan.precision_flags, r.builder_optimization_level])
-        cache = layout.engines / f"timing-{cache_key}.cache"
+        cache = layout.timing_cache(cache_key)
     calib_cache = implicit_calibration(point) if point.plan.implicit_calibration else None
     if not point.engine_path.is_file():
         build(r, point.profile, point.plan, list(setup.trtexec), point.engine_onnx, point.engine_path, log, cache,
@@ -390,6 +397,7 @@ class Stage:
     done: Callable[[Point], bool]
     run: Callable[[Point], None]
     record_key: str | None = None  # the part of the point record this stage writes (GPU stages)
+    reads_onnx: bool = False  # reads (or keys by) the ONNX the engine is built from: make_onnx makes it first
 
 
 def _record_has(key: str) -> Callable[[Point], bool]:
@@ -399,13 +407,13 @@ def _record_has(key: str) -> Callable[[Point], bool]:
 STAGE_TABLE = (
     Stage("calib", False, lambda r: r.calibrated, lambda p: p.calib_npy.is_file(), calib_run),
     Stage("quantize", False, lambda r: r.quantized, quantize_done, quantize_run),
-    Stage("onnxrt", False, lambda r: r.precision != "int8-implicit", onnxrt_done, onnxrt_run),
+    Stage("onnxrt", False, lambda r: r.precision != "int8-implicit", onnxrt_done, onnxrt_run, reads_onnx=True),
     Stage("engine", True, lambda r: True, lambda p: _record_has("build")(p) and p.engine_path.is_file(), engine_run,
-          "build"),
+          "build", reads_onnx=True),
     Stage("bench", True, lambda r: True, lambda p: "bench" in p.record.data and not missing_timings(p), bench_run,
-          "bench"),
-    Stage("accuracy", True, lambda r: True, accuracy_done, accuracy_run, "accuracy"),
-    Stage("layers", True, lambda r: True, _record_has("layers"), layers_run, "layers"),
+          "bench", reads_onnx=True),
+    Stage("accuracy", True, lambda r: True, accuracy_done, accuracy_run, "accuracy", reads_onnx=True),
+    Stage("layers", True, lambda r: True, _record_has("layers"), layers_run, "layers", reads_onnx=True),
 )
 STAGES = {s.name: s for s in STAGE_TABLE}
 STAGE_SETS = {"all": ("calib", "quantize", "onnxrt", "engine", "bench", "accuracy"),
@@ -417,15 +425,18 @@ def run_recipe(recipe: Recipe, setup: Setup, stages=STAGE_SETS["all"], log=print
     cpu = Point(recipe, setup)
     cpu.model_onnx  # the model is checked (a YOLO detector, batch sizes the profiles need) before any work
     if recipe.calibrated and stages:  # a tensor made earlier was checked against the evaluation set of then
-
         check_disjoint(select_images(list_images(setup.calib_dir), recipe.calib_images, recipe.calib_seed),
                        setup.eval_dir)
     for stage in (STAGES[s] for s in stages if not STAGES[s].gpu):
+        if stage.applies(recipe) and stage.reads_onnx:
+            make_onnx(cpu)
         if stage.applies(recipe) and not stage.done(cpu):
             stage.run(cpu)
     gpu_stages = [STAGES[s] for s in stages if STAGES[s].gpu]
     if not gpu_stages:
         return []
+    if any(s.reads_onnx for s in gpu_stages):  # an engine's record is keyed by the bytes of its ONNX
+        make_onnx(cpu)
     records = []
     for profile in setup.engine_profiles(recipe):
         point = Point(recipe, setup, profile)

@@ -54,7 +54,6 @@ def read_source(source) -> tuple[str, list[Path] | Path]:
 def class_names(model) -> list[str]:
     """The class names an ultralytics ONNX export carries in its metadata, else COCO's 80."""
     if Path(model).suffix == ".onnx":
-
         props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
         try:
             names = ast.literal_eval(props.get("names", "None"))
@@ -136,7 +135,6 @@ class Predictor:
 
 
 def predict_images(predictor: Predictor, files: list[Path], out: Path) -> list[dict]:
-
     results = []
     for start in range(0, len(files), predictor.batch):
         chunk = files[start:start + predictor.batch]

@@ -70,7 +70,6 @@ def calibration_npy(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
 
 def activation_scales(qdq_onnx) -> dict[str, float]:
     """{activation tensor: scale} of every QuantizeLinear whose input is not a weight."""
-
     model = onnx.load(str(qdq_onnx))
     inits = {i.name: i for i in model.graph.initializer}
     scales = {}
@@ -163,7 +162,6 @@ def histogram_calibrate(recipe: Recipe, cache: Path, calib_dir, eval_dir, root: 
     """Write `cache` with mse or percentile scales. The tensors are those of ModelOpt's max cache on the same images;
     their histograms are collected once per (model, images) and kept beside the calibration tensor, so every
     histogram method and percentile after the first costs seconds."""
-
     start = time.time()
     tensors = read_cache(calibrate(recipe.replace(calibration_method="max"), calib_dir, eval_dir, root))
     model = onnx.load(str(recipe.onnx_path), load_external_data=False)
@@ -216,8 +214,6 @@ def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], 
     machines made different bytes of the same model), and for the FP16 flavour, subnormal weight scales raised to
     FP16's smallest normal (tools/yolo/qdq_fp16.py). Returns the scales raised, {rewrite: nodes it changed} and the
     finished model's node_counts."""
-
-
     model = onnx.load(str(qdq_onnx))
     rewritten = apply(model, rewrites)
     infos = sorted(model.graph.value_info, key=lambda v: v.name)
@@ -241,6 +237,11 @@ def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str)
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
     return Layout(recipe.model, root).quant / f"{recipe.name}.{key}.onnx"
+
+
+def quantization_record(qdq_onnx) -> Path:
+    """The JSON beside a Q/DQ model: its settings, the ModelOpt version, both commands and the node counts."""
+    return Path(qdq_onnx).with_suffix(".json")
 
 
 def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: Path | None = None) -> Path:
@@ -279,7 +280,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     import modelopt  # optional: only the CPU side has it (checked above before any work)
 
     command = " ".join(cmd[2:]).replace(str(model), str(recipe.onnx_path)).replace(str(result), str(out))
-    write_json(out.with_suffix(".json"), {
+    write_json(quantization_record(out), {
         "recipe": recipe.name, "settings": recipe.settings("quantize"), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),

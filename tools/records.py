@@ -48,10 +48,11 @@ def publish(run_root: Path, run_results: Path, dest: Layout) -> list[Path]:
         rec = rewrite(read_json(path))
         dest.write_json(dest.points / path.name, rec)
         written.append(dest.points / path.name)
-    for name in ("sweep.json", "sweep.csv"):
-        if (src / name).is_file():
-            dest.write_text(dest.out / name, (src / name).read_text())
-            written.append(dest.out / name)
+    source = Layout(dest.model, run_root, run_results)
+    for src_table, table in ((source.sweep_json, dest.sweep_json), (source.sweep_csv, dest.sweep_csv)):
+        if src_table.is_file():
+            dest.write_text(table, src_table.read_text())
+            written.append(table)
     return written
 
 

@@ -294,7 +294,7 @@ def unmeasured_references(sweep: dict, table: Table) -> str:
 
 
 def write_report(layout: Layout, budget: float) -> Path:
-    sweep_path = layout.out / "sweep.json"
+    sweep_path = layout.sweep_json
     if not sweep_path.is_file():
         raise UserError(f"{sweep_path}: no sweep results; run `make sweep` first (RESULTS= names where it wrote)")
     sweep = read_json(sweep_path, "sweep table")
@@ -333,7 +333,7 @@ def write_report(layout: Layout, budget: float) -> Path:
             f"{table.large}).", ""]
     md += selection_section(table, choice)
     deployed = choice["latency"] or "fp16"
-    rec = read_json(next(layout.points.glob(f"*.{table.latency()[deployed]['key']}.json")))
+    rec = read_json(layout.records_keyed(table.latency()[deployed]["key"])[0])
 
     layout.write_text(out / "chosen.yaml", f"# chosen by `make report` (rule in REPORT.md); copy to recipes/{model}/ "
                                            f"to rebuild\n" + dump(from_dict(rec["recipe"])))

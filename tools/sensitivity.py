@@ -145,7 +145,6 @@ def latency_order(gains: dict[str, float], costs: dict[str, float]) -> list[str]
 
 def bypass_qdq(model, pattern: str):
     """Copy of `model` where nodes matching `pattern` read the tensors their Q/DQ pairs quantized, in float."""
-
     model = onnx.ModelProto.FromString(model.SerializeToString())
     producer = {o: n for n in model.graph.node for o in n.output}
     rx = re.compile(pattern)
@@ -159,7 +158,6 @@ def bypass_qdq(model, pattern: str):
 
 class Proxy:
     """Scores models by agreement with the FP32 model's detections on a fixed set of images."""
-
     def __init__(self, fp32_onnx, files, imgsz=640, ref_conf=0.25):
         self.classes = yolo_graph.describe(yolo_graph.load(fp32_onnx), fp32_onnx).classes
         self.batch = to_input(np.stack([preprocess(p, imgsz)[0] for p in files]))
@@ -167,7 +165,6 @@ class Proxy:
         self.gt = self._coco_gt([d[d[:, 4] >= ref_conf] for d in ref])
 
     def detect(self, model) -> list[np.ndarray]:
-
         ort.set_default_logger_severity(3)
 
         src = onnxruntime_model(model) if isinstance(model, (str, Path)) else \
@@ -178,7 +175,6 @@ class Proxy:
         return [postprocess(p) for p in out]
 
     def _coco_gt(self, dets):
-
         anns = [{"id": 1 + j + 1000 * i, "image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
                  "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0}
                 for i, d in enumerate(dets) for j, (x1, y1, x2, y2, _, c) in enumerate(d.tolist())]
@@ -203,8 +199,6 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
     images with the same unit (changing only the target or the group budget costs a few evaluations, not a full pass).
     `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
     `profile`: a by-block.csv of `make profile`; groups are then chosen by gain per millisecond within `ms_budget`."""
-
-
     recipe = load(recipe_path)
     costs = block_costs(profile, recipe.name) if profile else None  # a wrong profile fails before the long work
     if calib_images and recipe.calib_images > calib_images:

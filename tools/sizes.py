@@ -31,7 +31,7 @@ COLUMNS = {"model": "model", "weights": "weights", "profile": "profile", "batch"
 
 
 def record_of(layout: Layout, key: str) -> dict:
-    found = sorted(layout.points.glob(f"*.{key}.json"))
+    found = layout.records_keyed(key)
     if not found:
         raise UserError(f"{layout.points}: no record with key {key} (named in sweep.json); rebuild the table with "
                         f"`make sweep SWEEP_ARGS=--table-only`")
@@ -54,7 +54,7 @@ def conv_speedup(layout: Layout, profile: str, level: int, int8: str) -> float |
 
 def model_rows(layout: Layout, int8: str) -> list[dict]:
     """FP16 against `int8` at the sweep's final level, per profile and batch both were timed at."""
-    sweep = read_json(layout.out / "sweep.json", "sweep table")
+    sweep = read_json(layout.sweep_json, "sweep table")
     table = Table(sweep["rows"], sweep.get("final_level"))
     rows = []
     for profile, batch in sorted({(r["profile"], r["batch"]) for r in table.rows}, key=lambda k: (k[1], k[0])):

@@ -80,7 +80,7 @@ def markdown(summary: dict) -> str:
 
 def published(model: str, root: Path = REPO) -> dict | None:
     """Where the committed GPU table lives and what measured it (for a run that measured none itself)."""
-    path = Layout(model, root, root / "results").out / "summary.json"
+    path = Layout(model, root, root / "results").summary("json")
     if not path.is_file():
         return None
     s = read_json(path, "summary")
@@ -127,9 +127,9 @@ def main(argv=None):
     layout = setup.layout(recipes[0].model)
     s = summarize(layout, [r.name for r in ran], setup.eval_dir, setup.eval_limit, is_random_weights(ran[0].onnx_path),
                   ran_results(ran, setup))
-    layout.write_json(layout.out / "summary.json", s)
-    layout.write_text(layout.out / "summary.csv", to_csv(s["engines"]))
-    layout.write_text(layout.out / "summary.md", markdown(s))
+    layout.write_json(layout.summary("json"), s)
+    layout.write_text(layout.summary("csv"), to_csv(s["engines"]))
+    layout.write_text(layout.summary("md"), markdown(s))
     print(markdown(s))
 
 

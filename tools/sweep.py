@@ -49,9 +49,9 @@ EXCLUSIVE = {"bench", "layers"}  # stages that measure the GPU: nothing else may
 # Result table
 def write_table(layout: Layout, grid: Grid, records: list[dict], fields: dict) -> None:
     rows = sweep_rows(records, grid)
-    layout.write_json(layout.out / "sweep.json", {**fields, "points": len(records),
+    layout.write_json(layout.sweep_json, {**fields, "points": len(records),
                                                   "stage_seconds": stage_seconds(records), "rows": rows})
-    layout.write_text(layout.out / "sweep.csv", to_csv(rows))
+    layout.write_text(layout.sweep_csv, to_csv(rows))
 
 
 def run_seconds(earlier: list[int], finished: bool, this_run: int, measured: bool) -> list[int]:
@@ -284,9 +284,9 @@ def rebuild_table(grid: Grid, layout: Layout, setup: Setup) -> None:
     records = engine_records(layout, [r.name for r in expand(grid, setup)], None)
     if not records:
         raise UserError(f"{layout.points}: no complete record of any point of this grid; run the sweep first")
-    old = read_json(layout.out / "sweep.json", "sweep table") if (layout.out / "sweep.json").is_file() else {}
+    old = read_json(layout.sweep_json, "sweep table") if layout.sweep_json.is_file() else {}
     write_table(layout, grid, records, old)
-    print(f"rebuilt {layout.out / 'sweep.csv'} from {len(records)} records")
+    print(f"rebuilt {layout.sweep_csv} from {len(records)} records")
 
 
 def shard(points: list, spec: str | None) -> list:
@@ -341,7 +341,7 @@ def main(argv=None):
         stages = tuple(s for s in stages if not STAGES[s].gpu)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    earlier, finished = earlier_runs(layout.out / "sweep.json", args.grid)
+    earlier, finished = earlier_runs(layout.sweep_json, args.grid)
     gpus = args.gpus.split(",") if args.gpus else visible_gpus()
     lock = threading.Lock()
 
@@ -371,7 +371,7 @@ def main(argv=None):
                                   args.only.split(",") if args.only else None)
     publish(records, complete=not failures, failures=failures)
     if records:
-        print(f"wrote {layout.out / 'sweep.csv'}: {len(records)} engines")
+        print(f"wrote {layout.sweep_csv}: {len(records)} engines")
     for name, err in failures.items():
         print(f"failed: {name}: {err}")
     return 1 if failures else 0

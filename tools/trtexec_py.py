@@ -203,7 +203,6 @@ class Fallback:
 
     # --- inference --------------------------------------------------------------------------------------------
     def infer(self, plan: bytes):
-
         trt, o = self.trt, self.opts
         runtime = trt.Runtime(self.logger)
         engine = runtime.deserialize_cuda_engine(plan)

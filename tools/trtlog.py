@@ -9,9 +9,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tools.core.files import to_csv
 from tools.core.errors import UserError, run_main
-from tools.core.files import write_text
+from tools.core.files import to_csv, write_text
 
 STAT = r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=?\s*([-\d.eE+]+) ms"
 SECTIONS = {"Latency": "latency", "GPU Compute Time": "gpu", "Enqueue Time": "enqueue", "H2D Latency": "h2d",

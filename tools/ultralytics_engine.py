@@ -112,8 +112,6 @@ def onnx_metadata(onnx_path) -> dict:
 def check_source(onnx_path, classes: int) -> None:
     """The engine's ONNX must take float images and end in the raw head (4 box rows + one row per class): what
     ultralytics' TensorRT backend feeds and decodes."""
-
-
     value_info, _, out = yolo_graph.io_layout(yolo_graph.load(onnx_path), onnx_path)
     dtype = onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type)
     if dtype not in FLOAT_INPUTS:

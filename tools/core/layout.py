@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.core.errors import UserError
-from tools.core.files import REPO, write_json, write_text
+from tools.core.files import REPO, file_digest, write_json, write_text
 
 RUNS = REPO / "runs"  # where a run's results go unless the user names another place
 
@@ -44,9 +44,22 @@ class Layout:
         """Where `make predict` writes one recipe's annotated images or video and their detections."""
         return self.out / "predict" / recipe
 
+    def autocast_onnx(self, source, imgsz: int) -> Path:
+        """ModelOpt AutoCast's FP16 model of `source` (TensorRT 11), by its bytes and, off 640, the image size it was
+        judged at."""
+        size = f"-{imgsz}" if imgsz != 640 else ""
+        return self.quant / f"{self.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
+
     @property
     def engines(self) -> Path:
         return self.root / "engines" / self.model
+
+    def engine(self, stem: str) -> Path:
+        return self.engines / f"{stem}.engine"
+
+    def timing_cache(self, key: str) -> Path:
+        """TensorRT's timing cache of one (TensorRT, GPU, precision flags, level): it refuses one of another."""
+        return self.engines / f"timing-{key}.cache"
 
     def ultralytics_engine(self, engine) -> Path:
         """The copy of `engine` with ultralytics' metadata header (tools.ultralytics_engine): a deploy artifact beside
@@ -65,9 +78,34 @@ class Layout:
     def points(self) -> Path:
         return self.out / "points"
 
+    def point_record(self, name: str, profile: str, key: str) -> Path:
+        """The record of one engine (recipe, deployment profile) on one evaluation set: `key` hashes all of it."""
+        return self.points / f"{name}.{profile}.{key}.json"
+
+    def records_keyed(self, key: str) -> list[Path]:
+        """The point records of this key (a sweep table names its rows' records by key)."""
+        return sorted(self.points.glob(f"*.{key}.json"))
+
     @property
     def onnxrt(self) -> Path:
         return self.out / "onnxrt"
+
+    def onnxrt_result(self, kind: str, key: str) -> Path:
+        """An ONNX Runtime score of `kind` (fp32, or the recipe whose Q/DQ model it is), `key` its inputs' hash."""
+        return self.onnxrt / f"{kind}.{key}.json"
+
+    @property
+    def sweep_json(self) -> Path:
+        """The sweep table (tools.sweep writes it, tools.report and tools.sizes read it); sweep.csv beside it."""
+        return self.out / "sweep.json"
+
+    @property
+    def sweep_csv(self) -> Path:
+        return self.out / "sweep.csv"
+
+    def summary(self, ext: str) -> Path:
+        """summary.json / .csv / .md of `make all` (tools.summary)."""
+        return self.out / f"summary.{ext}"
 
     def layer_tables(self, profile: str, level: int) -> Path:
         """`make profile`'s per-layer tables of one deployment profile and builder level (folder names as published)."""
