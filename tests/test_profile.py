@@ -1,6 +1,6 @@
 """The per-layer analysis (tools/yolo/layers.py) on real per-layer exports (YOLO11n, H200, TensorRT 8.6.1, level 1,
-static batch 32) and the
-fallback's profiling flags. Expected counts and sums are read off the raw files with regexes, not with the tool."""
+static batch 32) and the fallback's profiling flags. Expected counts and sums are read off the raw files with regexes,
+not with the tool."""
 import gzip
 import json
 import re
