@@ -89,3 +89,24 @@ def test_record_save_is_atomic_and_stamped(tmp_path):
     again = Record.open(tmp_path / "points" / "r.json", lambda: pytest.fail("a record on disk is read, not made"))
     assert again.data["build"] == {"engine": "e"} and again.data["updated_utc"]
     assert not list((tmp_path / "points").glob("*.tmp*"))
+
+
+def test_committed_records_hold_what_the_record_schema_says():
+    """tools/core/record.py's PointRecord is the record's one schema: every committed record has its identity fields,
+    and no record or stage part holds a field the schema does not name (a stage writing a new one changes it)."""
+    from typing import get_type_hints
+
+    from tools.core.record import IDENTITY, PARTS, PointRecord
+
+    fields = get_type_hints(PointRecord)
+    paths = sorted(REPO.glob("results/*/points/*.json")) + sorted(REPO.glob("results/*/experiments/*/points/*.json"))
+    assert len(paths) > 20
+    seen = set()
+    for path in paths:
+        rec = json.loads(path.read_text())
+        assert set(IDENTITY) <= set(rec) <= set(fields), path
+        for part, schema in PARTS.items():
+            for value in (rec[part] if isinstance(rec.get(part), list) else [rec[part]] if part in rec else []):
+                assert set(value) <= set(get_type_hints(schema)), f"{path}: {part}"
+                seen.add(part)
+    assert seen == set(PARTS)  # every part was checked on a real record

@@ -14,6 +14,7 @@ from pathlib import Path
 from tools.core.cli import add_imgsz, add_timing, add_trtexec, default_trtexec
 from tools.core.errors import UserError, run_main
 from tools.core.files import to_csv, write_text
+from tools.core.record import BenchRow, Layers
 from tools.engine import run_logged, shape
 from tools.trtlog import parse_file
 from tools.yolo.layers import KINDS, load, precisions_of, rounded, timed_runs, totals
@@ -33,7 +34,7 @@ def context_mib(log_text: str) -> float | None:
 
 
 def bench(engine, trtexec: list[str], log_prefix, batches=(1, 8, 32), imgsz=640, cuda_graphs=(False, True),
-          warmup_ms=500, duration_s=3.0, layout: str = "nchw") -> list[dict]:
+          warmup_ms=500, duration_s=3.0, layout: str = "nchw") -> list[BenchRow]:
     """`layout`: the engine's input layout (nhwc for an end-to-end engine built so, tools.engine.input_layout)."""
     rows = []
     for batch in batches:
@@ -61,7 +62,7 @@ def layers_args(engine, batch: int, imgsz: int, layers_json, profile_json, layou
             "--dumpProfile", f"--exportProfile={profile_json}", f"--exportLayerInfo={layers_json}"]
 
 
-def time_layers(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int, layout: str = "nchw") -> dict:
+def time_layers(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int, layout: str = "nchw") -> Layers:
     """Time `engine` (built with --profilingVerbosity=detailed) layer by layer at one batch size: writes
     <log_prefix>.profile-b<batch>.{log,layers.json,profile.json,layers.csv}; returns a small record for the
     engine's results (paths, sum of layer medians and end-to-end median, ms by kind and precision, reformats)."""
@@ -76,12 +77,12 @@ def time_layers(engine, trtexec: list[str], log_prefix, batch: int, imgsz: int, 
     rows = load(layers_json, profile_json)
     write_text(csv_path, to_csv(rounded(rows)))
     t = totals(rows)
-    return {"batch": batch, "log": str(log), "layers_json": str(layers_json), "profile_json": str(profile_json),
-            "csv": str(csv_path), "profiled_runs": timed_runs(profile_json), "layers_run": t["layers_run"],
-            "layers_ms": round(t["ms"], 4), "e2e_ms": parse_file(log).get("gpu_median_ms"),
-            "ms_by_kind": {k: round(t[f"{k}_ms"], 4) for k in KINDS[:-1] if t[f"{k}_ms"]},
-            "ms_by_precision": {p: round(t[f"{p}_ms"], 4) for p in precisions_of(rows) if t[f"{p}_ms"]},
-            "reformat_n": t["reformat_n"], "reformat_ms": round(t["reformat_ms"], 4)}
+    return Layers(batch=batch, log=str(log), layers_json=str(layers_json), profile_json=str(profile_json),
+                  csv=str(csv_path), profiled_runs=timed_runs(profile_json), layers_run=t["layers_run"],
+                  layers_ms=round(t["ms"], 4), e2e_ms=parse_file(log).get("gpu_median_ms"),
+                  ms_by_kind={k: round(t[f"{k}_ms"], 4) for k in KINDS[:-1] if t[f"{k}_ms"]},
+                  ms_by_precision={p: round(t[f"{p}_ms"], 4) for p in precisions_of(rows) if t[f"{p}_ms"]},
+                  reformat_n=t["reformat_n"], reformat_ms=round(t["reformat_ms"], 4))
 
 
 

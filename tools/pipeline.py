@@ -31,7 +31,7 @@ from tools.compare import compare
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, digest, eval_set, file_digest, list_images, run_logged
 from tools.core.recipe import Recipe, load, to_dict
-from tools.core.record import LOG_KEYS, Record, now_utc, read_json
+from tools.core.record import LOG_KEYS, Build, ImplicitCalibration, Layers, PointRecord, Record, now_utc, read_json
 from tools.core.setup import Setup, add_setup_args, setup_from_args
 from tools.deploy_graph import build as end_to_end_graph, graph_path
 from tools.engine import build, input_layout
@@ -170,7 +170,7 @@ class Point:
         """This point's record: what is already known of it, or a fresh one saying what it will be built from."""
         return Record.open(self.layout.point_record(self.recipe.name, self.profile, self.key), self.fresh_record)
 
-    def fresh_record(self) -> dict:
+    def fresh_record(self) -> PointRecord:
         """What a new record says before any stage ran: the recipe, the plan and what it is built from."""
         r, p = self.recipe, self.recipe.profiles[self.profile]
         qjson = quantization_record(self.onnx)
@@ -308,10 +308,10 @@ def engine_run(point: Point) -> None:
         build(r, point.profile, point.plan, list(setup.trtexec), point.engine_onnx, point.engine_path, log, cache,
               calib_cache)
     parsed = parse_file(log)
-    point.record.data["build"] = {"engine": layout.rel(point.engine_path), "log": layout.rel(log),
-                                  "build_s": parsed.get("build_s"),
-                                  "engine_mb": round(point.engine_path.stat().st_size / 1e6, 3),
-                                  "fallback": parsed["fallback"], "timing_cache": bool(cache)}
+    point.record.data["build"] = Build(engine=layout.rel(point.engine_path), log=layout.rel(log),
+                                       build_s=parsed.get("build_s"),
+                                       engine_mb=round(point.engine_path.stat().st_size / 1e6, 3),
+                                       fallback=parsed["fallback"], timing_cache=bool(cache))
 
 
 def implicit_calibration(point: Point) -> Path:
@@ -323,8 +323,9 @@ def implicit_calibration(point: Point) -> Path:
         calibration_cache(point.model_onnx, point.calib_npy, cache, r.implicit_calibrator)
         print(f"  TensorRT {r.implicit_calibrator} calibration on {r.calib_images} images: "
               f"{time.perf_counter() - t0:.0f} s")
-    point.record.data["implicit_calibration"] = {"algorithm": r.implicit_calibrator, "images": r.calib_images,
-                                                 "cache": point.layout.rel(cache)}
+    point.record.data["implicit_calibration"] = ImplicitCalibration(algorithm=r.implicit_calibrator,
+                                                                    images=r.calib_images,
+                                                                    cache=point.layout.rel(cache))
     return cache
 
 
@@ -386,7 +387,7 @@ def layers_run(point: Point) -> None:
     found = time_layers(layout.resolve(rec["build"]["engine"]), list(point.setup.trtexec),
                            layout.logs / point.engine_stem, profile.max, point.recipe.imgsz,
                            input_layout(point.recipe))
-    rec["layers"] = {k: layout.rel(v) if k in LOG_KEYS else v for k, v in found.items()}
+    rec["layers"] = Layers(**{k: layout.rel(v) if k in LOG_KEYS else v for k, v in found.items()})
 
 
 @dataclass(frozen=True)

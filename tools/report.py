@@ -21,7 +21,7 @@ from tools.core.files import REPO, atomic_path
 from tools.core.grid import load_grid
 from tools.core.layout import Layout
 from tools.core.recipe import dump, from_dict
-from tools.core.record import read_json
+from tools.core.record import PointRecord, read_json
 from tools.core.sweep_table import Table, best, p99, pareto, selection_map
 from tools.sizes import markdown, size_table
 from tools.summary import fmt
@@ -182,7 +182,7 @@ def all_configurations(table: Table, level: int, profile: str, batch: int) -> st
     return "\n".join(lines)
 
 
-def recorded_command(layout: Layout, rec: dict) -> str:
+def recorded_command(layout: Layout, rec: PointRecord) -> str:
     """The build command the record's log begins with, as a trtexec user would type it: the fallback named trtexec,
     the run's own paths (a GPU machine's scratch folders) replaced by the record's."""
     log = layout.resolve(rec["build"]["log"])
@@ -203,7 +203,7 @@ def recorded_command(layout: Layout, rec: dict) -> str:
     return shlex.join(out)
 
 
-def deploy_section(layout: Layout, rec: dict) -> list[str]:
+def deploy_section(layout: Layout, rec: PointRecord) -> list[str]:
     model, r, q = layout.model, rec["recipe"], rec.get("quantization") or {}
     lines = [f"- Recipe `{rec['name']}` ({rec['precision']}), measured with TensorRT {rec['trt_version']} on "
              f"{rec['gpu']}, builder level {rec['level']}, profile `{rec['profile']['name']}`"

@@ -19,7 +19,7 @@ from tools.core.cli import add_results
 from tools.core.errors import UserError, run_main
 from tools.core.files import to_csv, write_text
 from tools.core.layout import Layout, guard
-from tools.core.record import read_json
+from tools.core.record import PointRecord, read_json
 from tools.core.sweep_table import Table, best
 from tools.trtlog import parse_file
 from tools.yolo.layers import read_by_block
@@ -38,7 +38,7 @@ def record_of(layout: Layout, key: str) -> dict:
     return read_json(found[0])
 
 
-def avg_timing(layout: Layout, rec: dict) -> int | None:
+def avg_timing(layout: Layout, rec: PointRecord) -> int | None:
     """The tactic-timing average the engine was built with, from its build log's command line (None: not given)."""
     log = layout.resolve(rec["build"]["log"])
     return parse_file(log).get("avg_timing") if log.is_file() else None

@@ -9,6 +9,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from tools.core.errors import UserError
 from tools.core.layout import Layout
@@ -20,7 +21,7 @@ def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def updated(record: dict) -> str:
+def updated(record: PointRecord) -> str:
     """When a record last changed: `updated_utc`, else (records of earlier versions) its latest stage time."""
     return record.get("updated_utc") or max(record.get("measured_utc", {}).values(), default="")
 
@@ -38,7 +39,7 @@ def newest_per(records, key) -> dict:
     return {k: newest(g) for k, g in groups.items()}
 
 
-def engine_id(record: dict) -> tuple:
+def engine_id(record: PointRecord) -> tuple:
     """What makes an engine record a row of its own in a table: the recipe, its profile and its builder level."""
     return record["name"], record["profile"]["name"], record["level"]
 
@@ -56,11 +57,109 @@ def read_records(folder, glob: str = "*.json") -> list[dict]:
     return [read_json(p) for p in sorted(folder.glob(glob))] if folder.is_dir() else []
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The point record's schema: what each stage writes (tests/test_records.py checks the committed records against it)
+class Build(TypedDict):
+    """The engine stage's part: the engine and its build log (paths as Layout.rel stores them)."""
+    engine: str
+    log: str
+    build_s: float | None
+    engine_mb: float
+    fallback: bool  # built by tools.trtexec_py rather than NVIDIA's trtexec
+    timing_cache: bool
+
+
+class BenchRow(TypedDict, total=False):
+    """One (batch, CUDA graph) timing of the bench stage, under one timing protocol (warmup_ms, duration_s)."""
+    batch: int
+    cuda_graph: bool
+    latency_ms_p50: float
+    latency_ms_p90: float | None
+    latency_ms_p99: float | None
+    latency_ms_mean: float
+    throughput_qps: float
+    throughput_ips: float
+    gpu_mem_mib: float | None
+    activation_mib: float | None
+    fallback: bool
+    log: str
+    warmup_ms: int
+    duration_s: float
+    gpu_index: str
+
+
+class Accuracy(TypedDict, total=False):
+    """The accuracy stage's COCO scores (tools.evaluate): all images, the exact-annotation subset, the two halves."""
+    images: int
+    map50_95: float
+    map50: float
+    exact: dict
+    halves: dict
+
+
+class Layers(TypedDict):
+    """The layers stage's per-layer timing (tools.bench.time_layers; the tables are tools/yolo/layers.py's)."""
+    batch: int
+    log: str
+    layers_json: str
+    profile_json: str  # trtexec's --exportProfile file: its per-layer times
+    csv: str
+    profiled_runs: int | None
+    layers_run: int
+    layers_ms: float
+    e2e_ms: float | None
+    ms_by_kind: dict[str, float]
+    ms_by_precision: dict[str, float]
+    reformat_n: int
+    reformat_ms: float
+
+
+class ImplicitCalibration(TypedDict):
+    algorithm: str
+    images: int
+    cache: str
+
+
+class PointRecord(TypedDict, total=False):
+    """One engine's record: what it is built from (written when the record is made), then each stage's part."""
+    name: str
+    key: str
+    engine_key: str
+    model: str
+    random_weights: bool
+    precision: str
+    profile: dict  # the deployment profile: name, min, opt, max, bench, static
+    level: int
+    recipe: dict  # the recipe as run (tools.core.recipe.to_dict)
+    trt_version: str
+    gpu: str
+    plan: dict  # tools.trt_plan's Plan: onnx_kind, flags, notes
+    onnx: str
+    onnx_sha256: str
+    eval: dict  # the evaluation set (tools.core.files.eval_set) with its dir and limit
+    quantization: dict | None  # the quantization record beside the Q/DQ model (tools.quantize)
+    build: Build
+    implicit_calibration: ImplicitCalibration
+    bench: list[BenchRow]
+    accuracy: Accuracy
+    compare: dict  # tools.compare's Polygraphy verdict, or why it was skipped
+    layers: Layers
+    measured_utc: dict[str, str]  # stage -> when it last ran
+    stage_seconds: dict[str, float]  # stage -> seconds it took, summed over runs
+    updated_utc: str
+
+
+IDENTITY = ("name", "key", "engine_key", "model", "random_weights", "precision", "profile", "level", "recipe",
+            "trt_version", "gpu", "plan", "onnx", "onnx_sha256", "eval", "quantization")  # every record has these
+PARTS = {"build": Build, "implicit_calibration": ImplicitCalibration, "bench": BenchRow, "accuracy": Accuracy,
+         "layers": Layers}  # the stage parts whose fields are fixed (compare is Polygraphy's own)
+
+
 @dataclass
 class Record:
     """A record on disk: a JSON object at `path`, saved atomically with its update time."""
     path: Path
-    data: dict = field(default_factory=dict)
+    data: PointRecord = field(default_factory=dict)
 
     @classmethod
     def open(cls, path, fresh) -> "Record":
@@ -72,19 +171,20 @@ class Record:
         self.data["updated_utc"] = now_utc()
         layout.write_json(self.path, self.data)
 
+
 RESULT_KEYS = ("build", "bench", "accuracy")  # what a finished point record holds: the result tables need them
 
 
-def has_all_stages(record: dict | None) -> bool:
+def has_all_stages(record: PointRecord | None) -> bool:
     """Whether a point's record holds the result of every stage the result tables are built from."""
     return bool(record) and all(k in record for k in RESULT_KEYS)
 
 
-def bench_row(rec: dict, batch: int, graph: bool) -> dict | None:
+def bench_row(rec: PointRecord, batch: int, graph: bool) -> BenchRow | None:
     return next((b for b in rec["bench"] if b["batch"] == batch and b["cuda_graph"] == graph), None)
 
 
-def engine_rows(rec: dict) -> list[dict]:
+def engine_rows(rec: PointRecord) -> list[dict]:
     """One row per timed batch of an engine record; a sweep may time CUDA graphs only (`cuda_graph` says which run
     the main timing columns are)."""
     rows = []
@@ -110,7 +210,7 @@ def engine_rows(rec: dict) -> list[dict]:
     return rows
 
 
-def settings_of(rec: dict) -> dict | None:
+def settings_of(rec: PointRecord) -> dict | None:
     """The settings (Recipe.settings) of the recipe a record was made from; None for one this schema cannot read."""
     try:
         return from_dict(rec.get("recipe")).settings()
