@@ -41,7 +41,8 @@ from tools.summary import engine_records, engine_rows
 from tools.trtlog import to_csv
 
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
-         "calibration_percentile": "p", "qdq_rewrites": "r-"}
+         "calibration_percentile": "p", "qdq_rewrites": "r-", "graph_rewrites": "g-", "input_io_format": "in-",
+         "output_io_format": "out-"}
 # settings that change only the quantization scales, not the layers TensorRT times (its timing cache keys a layer by
 # type, shapes, precision and formats, not by weights or scales)
 SCALES_ONLY = {"calib_images", "calib_seed", "calibration_method", "calibration_percentile", "calibration_eps",
