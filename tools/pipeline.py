@@ -166,7 +166,15 @@ class Point:
                             self.setup.root)
         if self.plan.onnx_kind == "autocast-fp16":
             return autocast_fp16(self)
-        return self.model_onnx
+        return self.fp32_onnx
+
+    @cached_property
+    def fp32_onnx(self) -> Path:
+        """The FP32 model an fp16 engine starts from: the recipe's model with its graph_rewrites applied, if any (an
+        int8-qdq recipe's are applied by the quantize step, before ModelOpt)."""
+        from tools.graph_rewrites import rewritten
+
+        return rewritten(self.recipe, self.model_onnx, self.layout)
 
     @cached_property
     def engine_onnx(self) -> Path:
@@ -243,7 +251,7 @@ def autocast_fp16(point: Point) -> Path:
     from tools.quantize import modelopt_scratch
 
     recipe, setup, layout = point.recipe, point.setup, point.layout
-    source = point.model_onnx
+    source = point.fp32_onnx
     size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
     out = layout.quant / f"{recipe.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
     if out.is_file():
@@ -432,6 +440,9 @@ def accuracy_run(point: Point) -> None:
     if setup.compare_images and "compare" not in rec and point.recipe.deploy is not None:
         # Polygraphy compares the raw head on float inputs; the mAP above is this engine's comparison
         rec["compare"] = {"skipped": "end-to-end engine (recipe key deploy): uint8 input and its own outputs"}
+    if setup.compare_images and "compare" not in rec and \
+            (point.recipe.input_io_format, point.recipe.output_io_format) != ("fp32:chw", "fp32:chw"):
+        rec["compare"] = {"skipped": "engine I/O formats off fp32:chw: Polygraphy feeds and reads the ONNX's float32"}
     if setup.compare_images and "compare" not in rec:
         work = layout.logs / "compare"
         rec["compare"] = compare(engine, point.model_onnx, setup.eval_dir, work, setup.compare_images,
