@@ -44,7 +44,7 @@ def reference(images):
 
 
 def splits_into_concat(model) -> int:
-    """Concat inputs that are a Split's output."""
+    """Concat inputs that are a Split's output (counted here, not with tools.graph_rewrites' own counter)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     return sum(1 for n in model.graph.node if n.op_type == "Concat" for i in n.input
                if i in producer and producer[i].op_type == "Split")
@@ -106,8 +106,15 @@ def test_head_split_drops_the_concat_and_split_between_box_and_class(images, ref
     producer = {o: n for n in model.graph.node for o in n.output}
     sigmoid = next(n for n in model.graph.node if n.name == "/model.23/Sigmoid")
     assert producer[sigmoid.input[0]].name == "/model.23/Concat_6_part1"  # the class branch, straight from Concat
-    with pytest.raises(UserError, match="found nothing to rewrite"):  # a second time: no such head any more
-        apply(model, ["head-split"], "twice.onnx")
+    assert apply(model, ["head-split"], "twice.onnx") == {"head-split": []}  # already in its form: nothing to do
+
+
+def test_a_rewrite_that_leaves_its_target_is_one_line_naming_the_file():
+    model = onnx.load(str(MODEL))
+    sigmoid = next(n for n in model.graph.node if n.name == "/model.2/cv1/act/Sigmoid")
+    sigmoid.op_type = "Tanh"  # no SiLU before model.2's Split: split-conv cannot rewrite it
+    with pytest.raises(UserError, match=r"^odd\.onnx: graph rewrite 'split-conv' cannot rewrite 2 of the places"):
+        apply(model, ["split-conv"], "odd.onnx")
 
 
 def test_bad_rewrite_name_is_one_line_naming_the_file(tmp_path):

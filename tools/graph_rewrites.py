@@ -18,6 +18,8 @@ read).
 Neither rewrite changes the quantization rules TensorRT applies (tools/qdq_rules.py): the split-conv Concats still get
 one scale with `qdq_rewrites: [concat]`, and the Mul outputs keep the Split outputs' names, so calibration scales
 stay with the tensors they were measured on.
+ultralytics 8.4 exports the head that way already (yolo11s/m here); the shipped yolo11n.onnx, an older export, does
+not. So head-split changes the shipped model and leaves a newer export as it is.
 Usage: python -m tools.graph_rewrites IN.onnx OUT.onnx --rewrites split-conv,head-split
 """
 from __future__ import annotations
@@ -215,22 +217,42 @@ def head_split(model) -> list[str]:
     return changed
 
 
-REWRITE_FUNCTIONS = {"split-conv": split_conv, "head-split": head_split}
+def splits_into_concat(graph) -> int:
+    """Concat inputs that are a Split's output: what split-conv removes."""
+    producer, _ = _index(graph)
+    return sum(1 for n in graph.node if n.op_type == "Concat" for i in n.input
+               if i in producer and producer[i].op_type == "Split")
+
+
+def head_splits(graph) -> int:
+    """Split nodes in the Detect head: what head-split removes."""
+    from tools.yolo_graph import head_block
+
+    head = head_block([n.name for n in graph.node])
+    return sum(1 for n in graph.node if n.op_type == "Split" and n.name.startswith(f"/model.{head}/"))
+
+
+# each rewrite and what is left of its target (0: the graph has the rewritten form, as it stands or after it)
+REWRITE_FUNCTIONS = {"split-conv": (split_conv, splits_into_concat), "head-split": (head_split, head_splits)}
 
 
 def apply(model, rewrites, source: str = "model") -> dict[str, list[str]]:
-    """Apply the named rewrites in place, in the order given; {rewrite: nodes it removed}. A rewrite that finds
-    nothing to change in `source` is an error: the recipe would claim a graph it does not have."""
+    """Apply the named rewrites in place, in the order given; {rewrite: nodes it removed}. A graph already in a
+    rewrite's form gets none from it (ultralytics 8.4 exports the head with box and class concatenated apart, so
+    head-split removes nothing there); one where the rewrite leaves its target in place is an error naming `source`:
+    the recipe would claim a graph it does not have."""
     unknown = [r for r in rewrites if r not in REWRITE_FUNCTIONS]
     if unknown:
         raise UserError(f"{source}: unknown graph rewrite(s) {', '.join(map(repr, unknown))}; known: "
                         f"{', '.join(GRAPH_REWRITES)}")
     changed = {}
     for r in rewrites:
-        changed[r] = REWRITE_FUNCTIONS[r](model)
-        if not changed[r]:
-            raise UserError(f"{source}: graph rewrite {r!r} found nothing to rewrite (not a YOLO11 detector as "
-                            f"ultralytics exports it?); drop it from the recipe's graph_rewrites")
+        rewrite, left = REWRITE_FUNCTIONS[r]
+        changed[r] = rewrite(model)
+        if left(model.graph):
+            raise UserError(f"{source}: graph rewrite {r!r} cannot rewrite {left(model.graph)} of the places it is "
+                            f"for (not a YOLO11 detector as ultralytics exports it?); drop it from the recipe's "
+                            f"graph_rewrites")
     return changed
 
 
@@ -282,7 +304,7 @@ def main(argv=None):
     with atomic_path(args.output) as tmp:
         onnx.save(model, str(tmp))
     for rewrite, nodes in changed.items():
-        print(f"{rewrite}: {len(nodes)} Split nodes rewritten away")
+        print(f"{rewrite}: {len(nodes)} Split nodes rewritten away" + ("" if nodes else " (already in its form)"))
     print(f"{before} -> {len(model.graph.node)} nodes -> {args.output}")
 
 
