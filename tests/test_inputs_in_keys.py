@@ -181,7 +181,9 @@ SWEEP = {  # key: (base recipe, a value off the base's, other axes of a product 
     "implicit_calibrator": (REPO / "recipes/yolo11n/int8-implicit.yaml", "entropy", {}),
     "layer_precisions": (INT8, [{"match": "/model\\.0/", "precision": "fp32"}], {}),
     "builder_optimization_level": (INT8, 1, {}), "timing_cache": (INT8, False, {}),
-    "deploy": (INT8, {"input": "uint8-nhwc", "nms": {"conf": 0.001, "iou": 0.7, "max_det": 300}}, {})}
+    "deploy": (INT8, {"input": "uint8-nhwc", "nms": {"conf": 0.001, "iou": 0.7, "max_det": 300}}, {}),
+    "graph_rewrites": (INT8, ["split-conv"], {}), "input_io_format": (INT8, "fp16:chw", {}),
+    "output_io_format": (FP16, "fp16:chw", {})}
 
 
 def grid(tmp_path, base, axes, design="one-at-a-time"):

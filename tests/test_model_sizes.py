@@ -191,3 +191,23 @@ def test_stem_grid_leaves_only_the_first_convolution_in_float(exports, graphs):
     nodes = onnx.load(str(exports["yolo11m"])).graph.node
     hits = [n for n in nodes if any(re.match(rx, n.name) for rx in added)]
     assert [(n.op_type, n.input[0]) for n in hits] == [("Conv", g.input_name)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_graph_rewrites_hold_on_the_larger_models(exports, size):
+    """split-conv finds yolo11s's and yolo11m's blocks too (their C3k2 blocks 6 and 8 use C3k bottlenecks, as
+    yolo11n's do), head-split finds their head in its form already (ultralytics 8.4 exports box and class apart), and
+    ONNX Runtime's outputs stay as they were, on a real letterboxed image."""
+    import onnxruntime as ort
+
+    from tools.core.files import list_images
+    from tools.yolo.graph_rewrites import apply
+    from tools.yolo.preprocess import preprocess, to_input
+
+    x = to_input(preprocess(list_images(REPO / "data/coco-mini")[0], IMGSZ)[0][None])
+    model = onnx.load(str(exports[size]))
+    removed = apply(model, ["split-conv", "head-split"])
+    assert len(removed["split-conv"]) == 9 and removed["head-split"] == []
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+           for m in (str(exports[size]), model.SerializeToString())]
+    np.testing.assert_allclose(run[1], run[0], rtol=0, atol=1e-5)

@@ -62,6 +62,16 @@ def shape_args(profile: Profile, imgsz: int, layout: str = "nchw") -> list[str]:
             f"--maxShapes={shape(profile.max, imgsz, layout)}"]
 
 
+def io_format_args(recipe: Recipe, p: Plan) -> list[str]:
+    """trtexec's I/O format flags for the recipe's input_io_format / output_io_format (off fp32:chw only). TensorRT 11
+    builds strongly typed, where the ONNX's own I/O types apply (trt_plan notes it): no flags there."""
+    if p.trt_major >= 11:
+        return []
+    return [f"--{flag}={value}" for flag, value in (("inputIOFormats", recipe.input_io_format),
+                                                   ("outputIOFormats", recipe.output_io_format))
+            if value != "fp32:chw"]
+
+
 def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,
                layer_precisions: dict[str, str] | None = None) -> list[str]:
     """trtexec flags for building one engine of this recipe: the named deployment profile's shapes, the plan's precision
@@ -71,7 +81,7 @@ def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, ti
     args = [f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
             *shape_args(recipe.profiles[profile], recipe.imgsz, input_layout(recipe)),
             *p.precision_flags, f"--builderOptimizationLevel={recipe.builder_optimization_level}",
-            f"--avgTiming={AVG_TIMING}", "--profilingVerbosity=detailed"]
+            f"--avgTiming={AVG_TIMING}", "--profilingVerbosity=detailed", *io_format_args(recipe, p)]
     if p.implicit_calibration:
         if calib_cache is None:
             raise UserError(f"recipe {recipe.name!r}: int8-implicit needs a calibration cache; run its calib step")

@@ -42,14 +42,15 @@ from tools.yolo.qdq_fp16 import for_onnxruntime
 # graph, tools/deploy_graph.py) and returns (the raw head [N, 4 + classes, anchors], or EfficientNMS_TRT's outputs)
 class Backend:
     def read_io(self, input_dtype, input_shape, outputs) -> None:
-        self.uint8 = np.dtype(input_dtype) == np.uint8
+        self.dtype = np.dtype(input_dtype)  # float32, float16 (an engine with input_io_format fp16:chw) or uint8
+        self.uint8 = self.dtype == np.uint8
         self.nhwc = input_shape[-1] == 3 and input_shape[1] != 3
         self.outputs = list(outputs)
         self.nms = set(NMS_OUTPUTS) <= set(self.outputs)
 
     def feed(self, batch_u8: np.ndarray) -> np.ndarray:
         if not self.uint8:
-            return to_input(batch_u8)
+            return to_input(batch_u8).astype(self.dtype, copy=False)
         return np.ascontiguousarray(batch_u8.transpose(0, 2, 3, 1)) if self.nhwc else batch_u8
 
     def infer(self, x) -> np.ndarray:
@@ -153,10 +154,15 @@ class TrtBackend(Backend):
         if self.static_batch and n < self.static_batch:  # a static engine takes its batch only: pad the last chunk
             x = np.concatenate([x, np.zeros((self.static_batch - n, *x.shape[1:]), x.dtype)])
         out = self.runner.infer({INPUT: x}, copy_outputs_to_host=True)
-        return {name: np.asarray(v)[:n] for name, v in out.items()}
+        # float16 outputs (output_io_format fp16:chw) widen exactly: the scores are those of what the engine returned
+        return {name: widen(np.asarray(v)[:n]) for name, v in out.items()}
 
     def close(self):
         self.runner.deactivate()
+
+
+def widen(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
 def make_backend(model):

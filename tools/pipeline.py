@@ -42,6 +42,7 @@ from tools.quantize import calibration_name, modelopt_scratch, quantization_reco
 from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 from tools.trtlog import parse_file
+from tools.yolo.graph_rewrites import write_rewritten
 
 COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has collapsed: an error, not a result
 
@@ -118,8 +119,14 @@ class Point:
         if self.plan.onnx_kind == "qdq":
             return quantized_path(self.recipe, self.plan.high_precision_dtype, self.setup.root, self.calib_npy.stem)
         if self.plan.onnx_kind == "autocast-fp16":
-            return self.layout.autocast_onnx(self.model_onnx, self.recipe.imgsz)
-        return self.model_onnx
+            return self.layout.autocast_onnx(self.fp32_onnx, self.recipe.imgsz)
+        return self.fp32_onnx
+
+    @cached_property
+    def fp32_onnx(self) -> Path:
+        """The FP32 model an fp16 engine starts from: the recipe's model with its graph_rewrites applied, if any
+        (make_onnx writes it; an int8-qdq recipe's are applied by the quantize step, before ModelOpt)."""
+        return self.layout.rewritten_onnx(self.model_onnx, self.recipe.graph_rewrites)
 
     @cached_property
     def engine_onnx(self) -> Path:
@@ -191,7 +198,7 @@ def autocast_fp16(point: Point) -> Path:
     keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
     random input fails on a dynamic-shape model); the model keeps FP32 inputs and outputs."""
     recipe, setup, layout = point.recipe, point.setup, point.layout
-    source, out = point.model_onnx, point.onnx  # AutoCast judges overflow on an image of the recipe's size
+    source, out = point.fp32_onnx, point.onnx  # AutoCast judges overflow on an image of the recipe's size
     image = layout.calib / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input name
     if not image.is_file():
         build_calibration(setup.calib_dir, image.with_suffix(".npy"), 1, 0, recipe.imgsz, setup.eval_dir)
@@ -210,7 +217,9 @@ def autocast_fp16(point: Point) -> Path:
 def make_onnx(point: Point) -> None:
     """Make what `point.engine_onnx` names where it is missing, before any stage reads it (or hashes it into a key):
     the Q/DQ model (the quantize stage), ModelOpt AutoCast's FP16 model (TensorRT 11), then the end-to-end graph
-    (recipe key `deploy`)."""
+    (recipe key `deploy`); an FP16 recipe's graph rewrites first, since AutoCast's model is named by their bytes."""
+    if point.plan.onnx_kind != "qdq" and point.recipe.graph_rewrites:
+        write_rewritten(point.model_onnx, point.fp32_onnx, point.recipe.graph_rewrites, point.layout.rel)
     if point.plan.onnx_kind == "qdq" and not quantize_done(point):
         quantize_run(point)
     if point.plan.onnx_kind == "autocast-fp16" and not point.onnx.is_file():
@@ -369,6 +378,9 @@ def accuracy_run(point: Point) -> None:
     if setup.compare_images and "compare" not in rec and point.recipe.deploy is not None:
         # Polygraphy compares the raw head on float inputs; the mAP above is this engine's comparison
         rec["compare"] = {"skipped": "end-to-end engine (recipe key deploy): uint8 input and its own outputs"}
+    if setup.compare_images and "compare" not in rec and \
+            (point.recipe.input_io_format, point.recipe.output_io_format) != ("fp32:chw", "fp32:chw"):
+        rec["compare"] = {"skipped": "engine I/O formats off fp32:chw: Polygraphy feeds and reads the ONNX's float32"}
     if setup.compare_images and "compare" not in rec:
         work = layout.logs / "compare"
         rec["compare"] = compare(engine, point.model_onnx, setup.eval_dir, work, setup.compare_images,

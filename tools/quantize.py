@@ -35,10 +35,12 @@ from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, digest, file_digest, list_images, write_json, write_text
 from tools.core.layout import Layout
 from tools.core.recipe import Recipe, load
+from tools.core.record import read_json
 from tools.engine import onnx_nodes, run_logged
 from tools.trt_plan import plan
 from tools.yolo.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
     save_histograms, scale_groups
+from tools.yolo.graph_rewrites import write_rewritten
 from tools.yolo.qdq_fp16 import clamp_weight_scales
 from tools.yolo.qdq_rules import apply
 
@@ -256,12 +258,18 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     if importlib.util.find_spec("modelopt") is None:
         raise UserError(f"{out}: not quantized yet and ModelOpt is not installed here; run `make quantize` on a "
                         f"machine with the CPU requirements and bring models/{recipe.model}/quant along")
-    for warning in unmatched_exclusions(recipe.onnx_path, recipe.nodes_to_exclude):
+    # the recipe's graph rewrites come first: ModelOpt calibrates and quantizes the rewritten model, whose own
+    # calibration cache (keyed by its bytes) holds the scales of its tensors
+    layout = Layout(recipe.model, root)
+    source = write_rewritten(recipe.onnx_path, layout.rewritten_onnx(recipe.onnx_path, recipe.graph_rewrites),
+                             recipe.graph_rewrites, layout.rel) if recipe.graph_rewrites else recipe.onnx_path
+    work = recipe if source == recipe.onnx_path else recipe.replace(onnx=str(source))
+    for warning in unmatched_exclusions(source, recipe.nodes_to_exclude):
         print(f"warning: recipe {recipe.name!r}: {warning}")
-    cache = calibrate(recipe, calib_dir, eval_dir, root)
-    log = Layout(recipe.model, root).logs / f"{out.stem}.quantize.log"
+    cache = calibrate(work, calib_dir, eval_dir, root)
+    log = layout.logs / f"{out.stem}.quantize.log"
     shape = f"images:1x3x{recipe.imgsz}x{recipe.imgsz}"
-    with modelopt_scratch(recipe.onnx_path, out) as (model, result):
+    with modelopt_scratch(source, out) as (model, result):
         cmd = MODELOPT + ["--onnx_path", str(model), "--quantize_mode", "int8",
                           "--calibration_cache_path", str(cache), "--calibration_shapes", shape,
                           "--calibration_method", modelopt_method(recipe.calibration_method),
@@ -275,17 +283,19 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
         if rc != 0 or not result.is_file() or not result.stat().st_size:
             raise UserError(f"{log}: ModelOpt quantization of recipe {recipe.name!r} failed (exit {rc}); "
                             f"read the log's last lines")
-        raised, rewritten, counts = finish_qdq_model(result, hp_dtype, recipe.qdq_rewrites)
+        raised, rewritten_nodes, counts = finish_qdq_model(result, hp_dtype, recipe.qdq_rewrites)
         os.replace(result, out)
     import modelopt  # optional: only the CPU side has it (checked above before any work)
 
-    command = " ".join(cmd[2:]).replace(str(model), str(recipe.onnx_path)).replace(str(result), str(out))
+    command = " ".join(cmd[2:]).replace(str(model), str(source)).replace(str(result), str(out))
     write_json(quantization_record(out), {
         "recipe": recipe.name, "settings": recipe.settings("quantize"), "high_precision_dtype": hp_dtype,
         "trt_version_planned": trt_version, "modelopt_version": modelopt.__version__,
         "calibration_tensor": str(calibration_name(recipe, calib_dir, root).relative_to(root)), "calibration_cache": str(cache.relative_to(root)),
         "command": command.replace(f"{root}/", ""), "seconds": round(seconds, 1), "nodes": counts,
-        "fp16_weight_scales_raised": raised, "qdq_rewrites": rewritten})
+        "fp16_weight_scales_raised": raised, "qdq_rewrites": rewritten_nodes,
+        **({"graph_rewrites": read_json(source.with_suffix(".json"), "graph-rewrite record")}
+           if source != recipe.onnx_path else {})})
     print(f"quantized {recipe.name}: {counts['quantized_nodes']} nodes INT8 -> {out}")
     return out
 

@@ -38,16 +38,19 @@ def plan(recipe: Recipe, version: str) -> Plan:
         raise UserError(f"TensorRT {version}: too old (needs 8.6 or newer for --builderOptimizationLevel)")
     strongly_typed = major >= 11
     notes = []
+    if strongly_typed and (recipe.input_io_format, recipe.output_io_format) != ("fp32:chw", "fp32:chw"):
+        notes.append("TensorRT 11 is strongly typed: input_io_format/output_io_format ignored, the ONNX's own I/O "
+                     "types apply (float32 here)")
     if recipe.precision == "fp16":
         if strongly_typed:
             return Plan(major, "autocast-fp16", None, ("--stronglyTyped",), False, False,
-                        ("TensorRT 11: FP16 baked into the ONNX with ModelOpt AutoCast, built strongly typed",))
-        return Plan(major, "fp32", None, ("--fp16",), True, False)
+                        ("TensorRT 11: FP16 baked into the ONNX with ModelOpt AutoCast, built strongly typed", *notes))
+        return Plan(major, "fp32", None, ("--fp16",), True, False, tuple(notes))
     if recipe.precision == "int8-implicit":
         if strongly_typed:
             raise UserError(f"recipe {recipe.name!r}: int8-implicit needs TensorRT <= 10 (TensorRT {version} has no "
                             f"implicit INT8); use the int8-ultralytics or int8-qdq recipe")
-        return Plan(major, "fp32", None, ("--fp16", "--int8"), True, True)
+        return Plan(major, "fp32", None, ("--fp16", "--int8"), True, True, tuple(notes))
     # int8-qdq
     dtype = recipe.high_precision_dtype
     if major == 8 and dtype != "fp32":

@@ -25,7 +25,7 @@ from tools.ultralytics_engine import engine_bytes
 FLAGS_WITH_VALUE = {"onnx", "saveEngine", "loadEngine", "minShapes", "optShapes", "maxShapes", "shapes", "calib",
                     "builderOptimizationLevel", "timingCacheFile", "precisionConstraints", "layerPrecisions",
                     "layerOutputTypes", "warmUp", "duration", "iterations", "percentile", "device", "avgTiming",
-                    "tacticSources"}
+                    "tacticSources", "inputIOFormats", "outputIOFormats"}
 # Kernel selection averages this many runs of each tactic: trtexec's --avgTiming default. The builder API's own default
 # is 1, and one timing of a few-microsecond batch-1 kernel on a busy host can rank tactics wrongly (README, "Batch 1 is
 # fixed": int8-qdq's batch-1 engine ran slower than FP16 with 1, faster with 8); tools.engine passes it explicitly.
@@ -51,6 +51,9 @@ def parse_flags(argv: list[str]) -> dict:
     if ("onnx" in opts) == ("loadEngine" in opts):
         raise UserError("trtexec_py: give exactly one of --onnx=model.onnx or --loadEngine=model.engine")
     check_profiling_flags(opts)
+    for flag in ("inputIOFormats", "outputIOFormats"):
+        if flag in opts:
+            parse_io_formats(flag, opts[flag])  # a misspelt format is refused before TensorRT loads
     return opts
 
 
@@ -71,6 +74,74 @@ def parse_layer_spec(spec: str | None) -> dict[str, str]:
     if not spec:
         return {}
     return dict(item.rsplit(":", 1) for item in spec.split(","))
+
+
+# trtexec's --inputIOFormats/--outputIOFormats spelling -> trt.DataType and trt.TensorFormat member names (bf16, int64
+# and fp8 are TensorRT >= 10's: a type or format the TensorRT at hand lacks is refused by name at the build)
+IO_TYPES = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+            "uint8": "UINT8", "bool": "BOOL", "fp8": "FP8"}
+IO_LAYOUTS = {"chw": "LINEAR", "chw2": "CHW2", "chw4": "CHW4", "hwc8": "HWC8", "chw16": "CHW16", "chw32": "CHW32",
+              "dhwc8": "DHWC8", "cdhw32": "CDHW32", "hwc": "HWC", "dla_linear": "DLA_LINEAR", "dla_hwc4": "DLA_HWC4",
+              "hwc16": "HWC16", "dhwc": "DHWC"}
+
+
+def parse_io_formats(flag: str, spec: str) -> list[tuple[str, tuple[str, ...]]]:
+    """trtexec's `type:fmt[+fmt],type:fmt...` (one entry per network input or output, in order; a single entry applies
+    to all) -> [(DataType name, (TensorFormat names, ...)), ...], e.g. 'fp16:chw,int8:chw32+chw4' ->
+    [('HALF', ('LINEAR',)), ('INT8', ('CHW32', 'CHW4'))]."""
+    out = []
+    for item in spec.split(","):
+        dtype, _, layouts = item.partition(":")
+        names = layouts.split("+") if layouts else []
+        if dtype not in IO_TYPES or not names or any(n not in IO_LAYOUTS for n in names):
+            raise UserError(f"trtexec_py: --{flag}={spec}: {item!r} is not type:format; types "
+                            f"{', '.join(IO_TYPES)}, formats {', '.join(IO_LAYOUTS)} (several joined by +)")
+        out.append((IO_TYPES[dtype], tuple(IO_LAYOUTS[n] for n in names)))
+    return out
+
+
+def apply_io_formats(trt, network, opts: dict, strongly_typed: bool) -> list[str]:
+    """Set the network's input and output tensors' type and allowed formats as --inputIOFormats/--outputIOFormats say
+    (trtexec: one entry per tensor in order, or one for all). A strongly typed network takes its types from the ONNX,
+    so there a type other than the tensor's own is refused; its formats still apply. Returns a log line per tensor."""
+    lines = []
+    for flag, count, get in (("inputIOFormats", network.num_inputs, network.get_input),
+                             ("outputIOFormats", network.num_outputs, network.get_output)):
+        if flag not in opts:
+            continue
+        formats = parse_io_formats(flag, opts[flag])
+        if len(formats) not in (1, count):
+            raise UserError(f"trtexec_py: --{flag} gives {len(formats)} formats for {count} tensors; give one for "
+                            f"each, in order, or one for all")
+        for i in range(count):
+            tensor = get(i)
+            dtype_name, layouts = formats[0] if len(formats) == 1 else formats[i]
+            missing = [n for n in (dtype_name,) if not hasattr(trt.DataType, n)] + \
+                [n for n in layouts if not hasattr(trt.TensorFormat, n)]
+            if missing:
+                raise UserError(f"trtexec_py: --{flag}: TensorRT {trt.__version__} has no {missing[0]}")
+            dtype = getattr(trt.DataType, dtype_name)
+            if strongly_typed and tensor.dtype != dtype:
+                raise UserError(f"trtexec_py: --{flag} asks {dtype_name} for {tensor.name!r}, which the ONNX makes "
+                                f"{tensor.dtype}; a strongly typed network takes its types from the ONNX: give the "
+                                f"ONNX that type, or drop the type from the flag")
+            if not strongly_typed:
+                tensor.dtype = dtype
+            tensor.allowed_formats = sum(1 << int(getattr(trt.TensorFormat, n)) for n in layouts)
+            lines.append(f"[I] {flag}: {tensor.name} {dtype_name} {'+'.join(layouts)}")
+    return lines
+
+
+def buffer_shape(engine, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The elements a tensor's buffer holds: its shape, with a vectorized format's (e.g. CHW32) vectorized dim
+    padded to whole vectors, as trtexec allocates it."""
+    dim = engine.get_tensor_vectorized_dim(name)
+    per = engine.get_tensor_components_per_element(name)
+    if dim < 0 or per <= 1:
+        return shape
+    padded = list(shape)
+    padded[dim] = -(-padded[dim] // per) * per
+    return tuple(padded)
 
 
 def stats_line(label: str, values_ms: np.ndarray, percentiles) -> str:
@@ -115,6 +186,8 @@ class Fallback:
         if not parser.parse_from_file(o["onnx"]):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise UserError(f"{o['onnx']}: TensorRT's ONNX parser failed: {errors}")
+        for line in apply_io_formats(trt, network, o, bool(o.get("stronglyTyped"))):
+            self.log(line)
         config = builder.create_builder_config()
         for switch, flag in (("fp16", "FP16"), ("int8", "INT8")):
             if o.get(switch):
@@ -222,7 +295,7 @@ class Fallback:
             context.set_input_shape(name, shape)
         buffers, hosts = {}, {}
         for name in names:
-            shape = tuple(context.get_tensor_shape(name))
+            shape = buffer_shape(engine, name, tuple(context.get_tensor_shape(name)))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             buffers[name] = cuda.DeviceArray(shape=shape, dtype=dtype)
             hosts[name] = random_input(shape, dtype) if name in inputs else np.empty(shape, dtype)

@@ -17,7 +17,8 @@ from tools.core.recipe import FIELDS, Recipe, load, read_yaml, validation_messag
 from tools.core.record import read_json
 
 SHORT = {"calibration_method": "", "calib_images": "n", "builder_optimization_level": "L", "nodes_to_exclude": "x-",
-         "calibration_percentile": "p", "qdq_rewrites": "r-"}
+         "calibration_percentile": "p", "qdq_rewrites": "r-", "graph_rewrites": "g-", "input_io_format": "in-",
+         "output_io_format": "out-"}
 
 
 class Bench(BaseModel):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.core.errors import UserError
-from tools.core.files import REPO, file_digest, write_json, write_text
+from tools.core.files import REPO, digest, file_digest, write_json, write_text
 
 RUNS = REPO / "runs"  # where a run's results go unless the user names another place
 
@@ -43,6 +43,14 @@ class Layout:
     def predict(self, recipe: str) -> Path:
         """Where `make predict` writes one recipe's annotated images or video and their detections."""
         return self.out / "predict" / recipe
+
+    def rewritten_onnx(self, source, rewrites) -> Path:
+        """`source` with the recipe's `graph_rewrites` applied (tools/yolo/graph_rewrites.py), one per source bytes and
+        rewrites, beside the quantized models; `source` itself where there are none."""
+        if not rewrites:
+            return Path(source)
+        key = digest({"source": file_digest(source), "graph_rewrites": list(rewrites)})
+        return self.quant / f"{Path(source).stem}.rw-{key}.onnx"
 
     def autocast_onnx(self, source, imgsz: int) -> Path:
         """ModelOpt AutoCast's FP16 model of `source` (TensorRT 11), by its bytes and, off 640, the image size it was

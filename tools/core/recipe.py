@@ -25,9 +25,14 @@ PRECISIONS = ("fp16", "int8-qdq", "int8-implicit")
 CALIBRATION_METHODS = ("entropy", "max", "mse", "percentile")
 STAGES = ("calib", "quantize", "engine")  # in pipeline order: a stage's key holds its own fields and the earlier ones
 QDQ, CALIBRATED = ("int8-qdq",), ("int8-qdq", "int8-implicit")
+# engine I/O formats the host can feed and read (trtexec --inputIOFormats/--outputIOFormats): linear NCHW in float32
+# or float16 (an INT8 input, e.g. int8:chw32, would need the host to quantize with the engine's input scale)
+IO_FORMATS = ("fp32:chw", "fp16:chw")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # recipe and profile names become file names
 # the Q/DQ placement rewrites a recipe may name (`qdq_rewrites`); tools/yolo/qdq_rules.py implements each
 REWRITES = ("concat",)
+# the exact graph rewrites a recipe may name (`graph_rewrites`); tools/yolo/graph_rewrites.py implements each
+GRAPH_REWRITES = ("split-conv", "head-split")
 
 
 def _regex(pattern: str) -> str:
@@ -143,6 +148,11 @@ class Recipe(Frozen):
     # Q/DQ placement rewrites after ModelOpt (tools/yolo/qdq_rules.py): `concat` gives every input of a quantized Concat
     # its output's scale (exact; lets TensorRT concatenate in INT8)
     qdq_rewrites: tuple[Literal[REWRITES], ...] = shaped("quantize", QDQ, omit_default=True, default=())
+    # exact graph rewrites of the FP32 model before ModelOpt (int8-qdq) or the engine build (fp16), in the order
+    # given (tools/yolo/graph_rewrites.py): `split-conv` (cv1 + Split -> one conv per part), `head-split` (the head's box
+    # and class branches concatenated apart)
+    graph_rewrites: tuple[Literal[GRAPH_REWRITES], ...] = \
+        shaped("quantize", ("fp16", "int8-qdq"), omit_default=True, default=())
     calibration_eps: tuple[Annotated[StrictStr, Field(pattern=r"^(cpu|trt|cuda:\d+|dml:\d+)$")], ...] = \
         shaped("quantize", QDQ, default=("cpu",))
     # --- TensorRT implicit INT8 (int8-implicit only; TensorRT <= 10) ----------------------------------------
@@ -153,6 +163,11 @@ class Recipe(Frozen):
     timing_cache: StrictBool = shaped("engine", default=True)
     # end-to-end engine: uint8 input, optionally NMS inside (None: the raw head on float input, as before)
     deploy: Deploy | None = shaped("engine", omit_default=True, default=None)
+    # the engine's input and output tensors' type and layout (trtexec --inputIOFormats / --outputIOFormats): fp16:chw
+    # takes the reformat of `images` out of the engine (the host writes float16) or lets the head's decode end in
+    # FP16 (not exact: box coordinates near 640 px keep 0.5 px); the runners read the engine's types and follow
+    input_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default="fp32:chw")
+    output_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default="fp32:chw")
     # --- deployment profiles: one engine each (part of each engine's own key, see engine_settings) --------------
     profiles: dict[Annotated[StrictStr, Field(pattern=NAME)], Profile] = \
         Field(default_factory=lambda: {"b1": Profile(min=1, opt=1, max=1), "b32": Profile(min=32, opt=32, max=32)},
@@ -178,6 +193,25 @@ class Recipe(Frozen):
             raise ValueError("deploy needs precision fp16 or int8-qdq: the end-to-end graph renames the float input "
                              "whose scale an implicit-INT8 calibration cache holds")
         return deploy
+
+    @field_validator("graph_rewrites")
+    @classmethod
+    def _rewritable(cls, rewrites, info):
+        if rewrites and info.data.get("precision") == "int8-implicit":
+            raise ValueError("graph_rewrites needs precision fp16 or int8-qdq: an implicit-INT8 calibration cache "
+                             "holds the scales of the exported graph's tensors")
+        if len(set(rewrites)) != len(rewrites):
+            raise ValueError("a rewrite is named twice; name each once")
+        return rewrites
+
+    @field_validator("input_io_format", "output_io_format")
+    @classmethod
+    def _io_format(cls, value, info):
+        deploy = info.data.get("deploy")
+        if value != "fp32:chw" and deploy is not None and (info.field_name == "input_io_format" or deploy.nms):
+            raise ValueError(f"an end-to-end engine (deploy) has its own {info.field_name.split('_')[0]} types "
+                             f"(uint8 pixels in, NMS outputs out); leave {info.field_name} at fp32:chw")
+        return value
 
     def settings(self, upto: str = "engine") -> dict:
         """The fields that shape the artifacts of stage `upto` and every earlier stage, for this precision, as
@@ -226,6 +260,9 @@ HINTS = {
     "layer_precisions": "a list of {match: regex, precision: fp16|fp32, op_type: Conv}",
     "imgsz": "a multiple of 32, e.g. 640",
     "deploy": "{input: uint8-nhwc | uint8-nchw, nms: {conf: 0.001, iou: 0.7, max_det: 300} or null}",
+    "graph_rewrites": f"a YAML list of: {', '.join(GRAPH_REWRITES)}",
+    "input_io_format": f"one of {', '.join(IO_FORMATS)}",
+    "output_io_format": f"one of {', '.join(IO_FORMATS)}",
 }
 
 
