@@ -56,6 +56,8 @@ class Bench(BaseModel):
     duration_s: Annotated[float, Field(gt=0)] = 1.5
     warmup_ms: Annotated[StrictInt, Field(gt=0)] = 200
     compare_images: Annotated[StrictInt, Field(ge=0)] = 0
+    # the references' own count where set: a `polygraphy run` comparison in the yardsticks' records, not in every point's
+    compare_references: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class Screen(BaseModel):
@@ -76,7 +78,7 @@ class GridFile(BaseModel):
     axes: dict[str, list | dict] = {}
 
 
-GRID_HINTS = {"base": "a recipe path, e.g. recipes/yolo11n/int8-qdq.yaml", "references": "a YAML list of recipe paths",
+GRID_HINTS = {"base": "a recipe path, e.g. recipes/int8-qdq.yaml", "references": "a YAML list of recipe paths",
               "axes": "a mapping of recipe key -> list of values or {label: value}",
               "design": "one-at-a-time or product", "screen": "{builder_optimization_level: 1}"}
 
@@ -171,12 +173,12 @@ def load_grid(path, root: Path = REPO) -> Grid:
         g = GridFile.model_validate(data)
     except ValidationError as e:
         raise UserError(validation_message(str(path), e, GRID_HINTS, tuple(GridFile.model_fields))) from None
-    base = load(root / g.base)
+    base = load(root / g.base, g.model)  # the recipes are for every size: the grid's `model:` picks one
     for key, values in g.axes.items():
         check_axis(key, values, base, g.axes if g.design == "product" else {}, str(path))
     if g.profiles is not None:
         base = base.replace(profiles=g.profiles)
-    refs = tuple(load(root / r) for r in g.references)
+    refs = tuple(load(root / r, g.model) for r in g.references)
     if g.profiles is not None:
         refs = tuple(r.replace(profiles=g.profiles) for r in refs)
     axes = {key: axis_values(key, values, root, str(path)) for key, values in g.axes.items()}
@@ -358,7 +360,7 @@ class Runner:
         return path
 
     def launch(self, job: Job, gpu: str, recipe: Recipe, profile: str) -> None:
-        cmd = job_command(self.recipe_file(recipe), job.stage, profile, self.setup)
+        cmd = job_command(self.recipe_file(recipe), job.stage, profile, job_setup(self.grid, self.setup, recipe))
         log = self.layout.logs / "sweep" / f"{job.chain}.{job.stage}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1"}
@@ -436,6 +438,13 @@ def grid_setup(grid: Grid, setup: Setup) -> Setup:
     b = grid.bench
     return replace(setup, cuda_graphs=b.cuda_graphs, duration_s=b.duration_s, warmup_ms=b.warmup_ms,
                    compare_images=b.compare_images)
+
+
+def job_setup(grid: Grid, setup: Setup, recipe: Recipe) -> Setup:
+    """The setup one point's jobs run under: the grid's, with the references' own comparison count where it has one."""
+    n = grid.bench.compare_references
+    return setup if n is None or recipe.name not in {r.name for r in grid.references} else \
+        replace(setup, compare_images=n)
 
 
 def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=None, log=print):
