@@ -430,11 +430,12 @@ def write(result: dict, layout) -> list[Path]:
 
 def main(argv=None):
     from tools.pipeline import add_setup_args, setup_from_args
-    from tools.recipe import load
+    from tools.recipe import add_model_arg, load
 
     ap = argparse.ArgumentParser(prog="python -m tools.e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="recipes whose engines to time (FP16 and INT8, raw and end to end)")
+    add_model_arg(ap)
     add_setup_args(ap)
     ap.add_argument("--streams", type=positive_int, default=2, help="threads/streams of the whole loop (default 2)")
     ap.add_argument("--frames", type=positive_int, default=64, help="decoded frames to cycle through (default 64)")
@@ -443,7 +444,7 @@ def main(argv=None):
     ap.add_argument("--max-det", type=positive_int, default=Thresholds.max_det, help="CPU NMS boxes per image")
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    recipes = [load(p) for p in args.recipes]
+    recipes = [load(p, args.model) for p in args.recipes]
     result = measure(recipes, setup, args.frames, args.streams, args.warmup_ms / 1e3, args.duration,
                      Thresholds(args.conf, args.iou, args.max_det))
     for path in write(result, setup.layout(recipes[0].model)):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tools.common import UserError, atomic_path, default_trtexec, run_main
-from tools.recipe import Profile, Recipe, load
+from tools.recipe import Profile, Recipe, add_model_arg, load
 from tools.trt_plan import Plan, detect_version, plan
 from tools.trtexec_py import AVG_TIMING
 
@@ -119,6 +119,7 @@ def build(recipe: Recipe, profile: str, p: Plan, trtexec: list[str], onnx_path, 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.engine", description=__doc__)
     ap.add_argument("recipe")
+    add_model_arg(ap)
     ap.add_argument("--onnx", required=True, help="the ONNX to build (the quantized one for int8-qdq)")
     ap.add_argument("-o", "--engine", required=True)
     ap.add_argument("--log", required=True)
@@ -129,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--calib-cache")
     ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")
     args = ap.parse_args(argv)
-    recipe = load(args.recipe)
+    recipe = load(args.recipe, args.model)
     profile = args.profile or next(iter(recipe.profiles))
     if profile not in recipe.profiles:
         raise UserError(f"{args.recipe}: has no profile {profile!r}; its profiles are {', '.join(recipe.profiles)}")

@@ -30,7 +30,7 @@ from tools.common import REPO, UserError, builder_level, default_trtexec, non_ne
     positive_number, run_main
 from tools.engine import AVG_TIMING
 from tools.records import LOG_KEYS, RUNS, Layout, Record, eval_set, file_digest, now_utc, read_json
-from tools.recipe import Recipe, digest, load, to_dict
+from tools.recipe import Recipe, add_model_arg, digest, load, to_dict
 from tools.trt_plan import Plan, detect_version, plan
 
 GRAPH_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
@@ -612,6 +612,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stages", help="comma-separated stages, or all / cpu / gpu")
     ap.add_argument("recipes", nargs="+")
+    add_model_arg(ap)
     add_setup_args(ap)
     args = ap.parse_args(argv)
     stages = parse_stages(args.stages)
@@ -622,7 +623,7 @@ def main(argv=None):
         stages = tuple(s for s in stages if not STAGES[s].gpu)
         if not stages:
             return
-    recipes = [load(path) for path in args.recipes]  # every recipe checked before any work
+    recipes = [load(path, args.model) for path in args.recipes]  # every recipe checked before any work
     check_names(recipes, args.recipes)
     failed = []
     for recipe in recipes:  # like make -k: one recipe's failure does not stop the others

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tools.common import UserError, atomic_path, run_main, write_text
 from tools.engine import run_logged, shape
+from tools.recipe import add_model_arg
 from tools.trtlog import parse_file, to_csv
 from tools.yolo_graph import block_of
 
@@ -639,15 +640,16 @@ def profile_engine(engine, trtexec: list[str], log_prefix, batch: int, imgsz: in
             "reformat_n": t["reformat_n"], "reformat_ms": round(t["reformat_ms"], 4)}
 
 
-def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12) -> dict:
-    """`make profile`: for each deployment profile, the recipes' engines side by side, read from the newest record of
-    each recipe that holds a per-layer profile (the pipeline's `layers` stage), into <results>/<model>/profile/."""
+def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12, model=None) -> dict:
+    """`make profile`: for each deployment profile, the recipes' engines side by side (on `model`, as
+    tools.recipe.load takes it), read from the newest record of each recipe that holds a per-layer profile (the
+    pipeline's `layers` stage), into <results>/<model>/profile/."""
     from tools.common import REPO
     from tools.records import Layout, engine_id, newest_per, read_records
     from tools.recipe import load as load_recipe
     from tools.summary import bench_row
 
-    recipes = [load_recipe(p) for p in recipe_paths]
+    recipes = [load_recipe(p, model) for p in recipe_paths]
     layout = Layout(recipes[0].model, REPO, Path(results).resolve(), overwrite)
     found = newest_per((r for r in read_records(layout.points) if "layers" in r), engine_id)
     written = {}
@@ -675,6 +677,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", help="compare these recipes' profiled engines (from the run's records)")
+    add_model_arg(ap)
     ap.add_argument("--results", default="runs", help="with --recipes: the run's results root (default: runs/)")
     ap.add_argument("--profiles", help="with --recipes: comma-separated deployment profiles (default: all)")
     ap.add_argument("--overwrite", action="store_true", help="with --recipes: replace a committed profile")
@@ -687,7 +690,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.recipes:
         written = from_records(args.recipes, args.results, args.overwrite,
-                               args.profiles.split(",") if args.profiles else None, args.top)
+                               args.profiles.split(",") if args.profiles else None, args.top, args.model)
         for paths in written.values():
             for p in paths.values():
                 print(f"wrote {p}")

@@ -32,7 +32,7 @@ from tools.common import UserError, list_images, run_main, write_json, write_tex
 from tools.engine import onnx_nodes, run_logged
 from tools.qdq_fp16 import clamp_weight_scales
 from tools.records import Layout, file_digest
-from tools.recipe import Recipe, digest, load
+from tools.recipe import Recipe, add_model_arg, digest, load
 from tools.trt_plan import plan
 
 MODELOPT = [sys.executable, "-m", "modelopt.onnx.quantization"]
@@ -294,11 +294,12 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.quantize", description=__doc__)
     ap.add_argument("recipe")
+    add_model_arg(ap)
     ap.add_argument("--calib-dir", required=True, help="calibration image folder")
     ap.add_argument("--eval-dir", help="evaluation image folder (checked for overlap)")
     ap.add_argument("--trt", default="10", help="TensorRT version the model is for (8.6 / 10 / 11)")
     args = ap.parse_args(argv)
-    print(quantize(load(args.recipe), args.trt, args.calib_dir, args.eval_dir))
+    print(quantize(load(args.recipe, args.model), args.trt, args.calib_dir, args.eval_dir))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ the INT8 one, or for a layer the same from the engines' per-layer CSVs beside th
 time shared among the nodes it fuses). The reformats at a group's new borders are not in it, so the estimate is
 optimistic. Groups are then taken by agreement gained per millisecond (those that cost nothing first), and one that
 would take the total over `--ms-budget` is skipped.
-Usage: python -m tools.sensitivity recipes/yolo11n/int8-qdq.yaml --calib-dir DIR [--images 48] [--target 0.95]
+Usage: python -m tools.sensitivity recipes/int8-qdq.yaml [--model yolo11n] --calib-dir DIR [--images 48] [--target 0.95]
        [--unit layer --max-groups 8] [--profile results/yolo11n/profile/b32-L3/by-block.csv --ms-budget 0.05]
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tools.calib import select_images
 from tools.common import REPO, UserError, list_images, non_negative_number, positive_int, positive_number, \
     postprocess, preprocess, run_main, to_input
 from tools.records import Layout, read_json
-from tools.recipe import load
+from tools.recipe import add_model_arg, load
 
 
 def block_groups(node_names) -> dict[str, str]:
@@ -105,7 +105,7 @@ def layer_costs(csv_path, recipe: str, nodes) -> dict[str, float]:
         path = folder / f"{engine}.layers.csv"
         if not path.is_file():
             raise UserError(f"{path}: no per-layer table of {engine} beside {Path(csv_path).name}; run `make profile "
-                            f"RECIPE=recipes/<model>/{recipe}.yaml` (it writes both engines' tables)")
+                            f"RECIPE=recipes/{recipe}.yaml` (it writes both engines' tables)")
         out: dict[str, float] = defaultdict(float)
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
@@ -192,8 +192,8 @@ class Proxy:
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt="8.6", log=print,
             previous: dict | None = None, calib_images: int | None = None, profile=None,
-            ms_budget: float | None = None, unit: str = "block") -> dict:
-    """`unit`: `block` or `layer`, what one group is.
+            ms_budget: float | None = None, unit: str = "block", model: str | None = None) -> dict:
+    """`unit`: `block` or `layer`, what one group is; `model`: the size the recipe runs on (tools.recipe.load).
     `previous`: an earlier result; its per-group gains are reused when it measured the same model on the same
     images with the same unit (changing only the target or the group budget costs a few evaluations, not a full pass).
     `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
@@ -203,7 +203,7 @@ def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_g
 
     from tools.quantize import quantize
 
-    recipe = load(recipe_path)
+    recipe = load(recipe_path, model)
     costs = block_costs(profile, recipe.name) if profile else None  # a wrong profile fails before the long work
     if calib_images and recipe.calib_images > calib_images:
         recipe = recipe.replace(calib_images=calib_images)
@@ -278,6 +278,7 @@ def markdown(res: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.sensitivity", description=__doc__)
     ap.add_argument("recipe")
+    add_model_arg(ap)
     ap.add_argument("--calib-dir", required=True, help="images to measure on (calibration images, not evaluation)")
     ap.add_argument("--eval-dir", help="evaluation folder (only checked for overlap when calibrating)")
     ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
@@ -295,7 +296,7 @@ def main(argv=None):
     ap.add_argument("-o", "--output", help="default: runs/<model>/sensitivity[-layers].json (+ .md)")
     ap.add_argument("--overwrite", action="store_true", help="replace a committed result")
     args = ap.parse_args(argv)
-    recipe = load(args.recipe)
+    recipe = load(args.recipe, args.model)
     plain_name = "sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json"
     out = Path(args.output) if args.output else Layout(recipe.model).out / plain_name
     layout = Layout(recipe.model, REPO, out.parent.parent, args.overwrite)
@@ -309,7 +310,7 @@ def main(argv=None):
     previous = read_json(earlier, "sensitivity result") if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
                   previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget,
-                  unit=args.unit)
+                  unit=args.unit, model=args.model)
     layout.write_json(out, res)
     layout.write_text(out.with_suffix(".md"), markdown(res))
     print(markdown(res))

@@ -169,16 +169,17 @@ def summarize(layout: Layout, names: list[str], eval_dir, eval_limit: int | None
 
 def main(argv=None):
     from tools.pipeline import add_setup_args, check_names, setup_from_args
-    from tools.recipe import load
+    from tools.recipe import add_model_arg, load
     from tools.yolo_graph import is_random_weights
 
     ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
+    add_model_arg(ap)
     add_setup_args(ap)  # the run's own flags: they decide which results are this run's
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    check_names(recipes := [load(p) for p in args.recipes], args.recipes)
+    check_names(recipes := [load(p, args.model) for p in args.recipes], args.recipes)
     ran = [setup.adapt(r) for r in recipes]
     layout = setup.layout(recipes[0].model)
     s = summarize(layout, [r.name for r in ran], setup.eval_dir, setup.eval_limit, is_random_weights(ran[0].onnx_path),

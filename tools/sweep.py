@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from tools.common import REPO, UserError, non_negative_number, positive_int, run_main
 from tools.pipeline import (STAGES, Setup, add_setup_args, has_all_stages, have_tensorrt,
                             parse_stages, run_recipe, setup_from_args, setup_to_args)
-from tools.recipe import FIELDS, Recipe, digest, dump, load, read_yaml, validation_message
+from tools.recipe import FIELDS, Recipe, add_model_arg, digest, dump, load, read_yaml, validation_message
 from tools.records import Layout, read_json
 from tools.report import pareto
 from tools.scheduler import Job, run_chains
@@ -165,7 +165,9 @@ def proposal(path: Path, source: str):
     return found
 
 
-def load_grid(path, root: Path = REPO) -> Grid:
+def load_grid(path, root: Path = REPO, model: str | None = None) -> Grid:
+    """`model` (--model, make's MODEL= where set): the size of a grid that names none; a grid that names one refuses
+    another."""
     data = read_yaml(path, "grid; see recipes/grids/ for examples")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a grid is a YAML mapping (model, base, references, axes, ...)")
@@ -173,16 +175,20 @@ def load_grid(path, root: Path = REPO) -> Grid:
         g = GridFile.model_validate(data)
     except ValidationError as e:
         raise UserError(validation_message(str(path), e, GRID_HINTS, tuple(GridFile.model_fields))) from None
-    base = load(root / g.base, g.model)  # the recipes are for every size: the grid's `model:` picks one
+    if model is not None and g.model is not None and model != g.model:
+        raise UserError(f"{path}: is a grid for {g.model} (its `model:`), not {model}; drop MODEL= (--model) or run "
+                        f"the grid of {model} (GRID=recipes/grids/{model}.yaml where there is one)")
+    model = model or g.model  # the recipes are for every size: the grid's `model:` picks one
+    base = load(root / g.base, model)
     for key, values in g.axes.items():
         check_axis(key, values, base, g.axes if g.design == "product" else {}, str(path))
     if g.profiles is not None:
         base = base.replace(profiles=g.profiles)
-    refs = tuple(load(root / r, g.model) for r in g.references)
+    refs = tuple(load(root / r, model) for r in g.references)
     if g.profiles is not None:
         refs = tuple(r.replace(profiles=g.profiles) for r in refs)
     axes = {key: axis_values(key, values, root, str(path)) for key, values in g.axes.items()}
-    return Grid(str(path), g.model or base.model, base, g.design, refs, axes, g.bench, g.screen)
+    return Grid(str(path), base.model, base, g.design, refs, axes, g.bench, g.screen)
 
 
 def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:
@@ -539,10 +545,11 @@ def main(argv=None):
                                     "screened grid each shard takes its front from its own part of the screening")
     ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
                                      "profile (the `layers` stage of `make profile`), e.g. fp16,int8-qdq")
+    add_model_arg(ap)
     add_setup_args(ap)
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, model=args.model)
     if setup.level is not None and grid.screen is not None:
         raise UserError(f"{args.grid}: a screened grid builds at its screening level and then at the recipes' own; "
                         f"drop LEVEL= / --level, or the grid's screen: key")

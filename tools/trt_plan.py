@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from tools.common import UserError, run_main
-from tools.recipe import Recipe, load
+from tools.recipe import Recipe, add_model_arg, load
 
 DEFAULT_TRT = "10"  # what a user most likely runs when no TensorRT is installed here to ask
 
@@ -78,13 +78,14 @@ def detect_version() -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.trt_plan", description=__doc__)
     ap.add_argument("recipe", nargs="?", help="recipe YAML; without one, print the TensorRT version in use")
+    add_model_arg(ap)
     ap.add_argument("--trt", default=None, help="TensorRT version to plan for (default: installed, else 10)")
     args = ap.parse_args(argv)
     version = args.trt or detect_version()
     if not args.recipe:
         print(version)
         return
-    p = plan(load(args.recipe), version)
+    p = plan(load(args.recipe, args.model), version)
     print(f"TensorRT {version}: build {p.onnx_kind} ONNX with {' '.join(p.precision_flags)}")
     for n in p.notes:
         print(f"  note: {n}")

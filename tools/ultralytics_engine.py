@@ -138,13 +138,13 @@ def metadata(model_onnx, batch: int, dynamic: bool, imgsz: int | None = None, qu
     return {**meta, "batch": batch, "imgsz": size, "args": args, "end2end": False}
 
 
-def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
+def from_records(recipe_path, results, profiles=None, root=REPO, model=None) -> list[Path]:
     """`make ultralytics`: a drop-in copy of each of RECIPE's engines, from the newest record of each deployment
-    profile, beside the engine (in the checkout `root`)."""
+    profile, beside the engine (in the checkout `root`); `model`: the size, as tools.recipe.load takes it."""
     from tools.records import Layout, engine_id, newest_per, read_records
     from tools.recipe import from_dict, load
 
-    recipe = load(recipe_path)
+    recipe = load(recipe_path, model)
     if recipe.deploy is not None:
         raise UserError(f"{recipe_path}: an end-to-end recipe (deploy: uint8 pixels in{', NMS inside' if recipe.deploy.nms else ''}); "
                         f"ultralytics feeds float32 NCHW and decodes the raw head itself: use the recipe without "
@@ -158,7 +158,7 @@ def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
         rec = found.get((recipe.name, profile, recipe.builder_optimization_level))
         if rec is None:
             raise UserError(f"{layout.points}: no engine of recipe {recipe.name!r} [{profile}]; build it first "
-                            f"(make engine RECIPE={recipe_path})")
+                            f"(make engine RECIPE={recipe_path} MODEL={recipe.model})")
         ran, p = from_dict(rec["recipe"], str(recipe_path)), rec["profile"]  # the recipe as the run adapted it
         engine = layout.resolve(rec["build"]["engine"])
         # a profile starting above batch 1 would refuse ultralytics' single images: padded to its largest batch instead
@@ -169,6 +169,8 @@ def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
 
 
 def main(argv=None):
+    from tools.recipe import add_model_arg
+
     ap = argparse.ArgumentParser(prog="python -m tools.ultralytics_engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine", nargs="?", help="an engine file (without -o: print its header)")
@@ -180,11 +182,13 @@ def main(argv=None):
     ap.add_argument("--imgsz", type=image_size, help="with -o: the engine's image size (default: the export's)")
     ap.add_argument("--quantize", type=int, choices=(8, 16), help="with -o: 8 for an INT8 engine, 16 for FP16")
     ap.add_argument("--recipe", help="write the copies of this recipe's engines, read from the run's records")
+    add_model_arg(ap)
     ap.add_argument("--profiles", help="with --recipe: comma-separated deployment profiles (default: all)")
     ap.add_argument("--results", default="runs", help="with --recipe: the run's results root (default: runs/)")
     args = ap.parse_args(argv)
     if args.recipe:
-        outs = from_records(args.recipe, args.results, args.profiles.split(",") if args.profiles else None)
+        outs = from_records(args.recipe, args.results, args.profiles.split(",") if args.profiles else None,
+                            model=args.model)
     elif args.engine and args.out:
         if not (args.onnx and args.batch):
             raise UserError("with -o, give --onnx MODEL.onnx (the ultralytics export) and --batch N (the profile's "
