@@ -44,7 +44,8 @@ KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVA
         SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS SOURCE MODEL_FILE CONF IOU
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile ultralytics predict,$(MAKECMDGOALS)),)
+ONE_RECIPE = calib quantize onnxrt engine bench accuracy sensitivity profile inspect ultralytics predict
+ifneq ($(filter $(ONE_RECIPE),$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE) does not exist; the recipes are: $(notdir $(RECIPES)))
 endif
@@ -67,8 +68,8 @@ SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --results "$(RESULTS
 PIPELINE = $(PY) -m tools.pipeline $(MODEL_ARG)
 SUMMARY = $(PY) -m tools.summary $(MODEL_ARG) $(RECIPES) $(SETUP)
 
-.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile ultralytics summary sweep \
-        sensitivity report sizes e2e predict test clean
+.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile inspect ultralytics summary \
+        sweep sensitivity report sizes e2e predict test clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -116,6 +117,9 @@ profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16
 	$(PIPELINE) engine,layers recipes/fp16.yaml $(RECIPE) $(SETUP)
 	$(PY) -m tools.profile $(MODEL_ARG) --recipes recipes/fp16.yaml $(RECIPE) --results "$(RESULTS)" \
 	    $(if $(PROFILES),--profiles $(PROFILES)) $(if $(OVERWRITE),--overwrite)
+
+inspect: $(ENV)  ## `polygraphy inspect model` on RECIPE's engines (TensorRT >= 8.6.1), else on their ONNX
+	$(PY) -m tools.polygraphy_inspect $(MODEL_ARG) $(RECIPE) $(SETUP)
 
 ultralytics: $(ENV)  ## copies of RECIPE's engines with ultralytics' header: YOLO("x.ultralytics.engine") loads them
 	$(PY) -m tools.ultralytics_engine $(MODEL_ARG) --recipe $(RECIPE) --results "$(RESULTS)" \

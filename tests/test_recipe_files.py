@@ -50,7 +50,7 @@ def test_make_runs_every_recipe_file_on_the_model_it_is_given():
     profile = make("profile", "MODEL=yolo11m").stdout
     assert "engine,layers recipes/fp16.yaml recipes/int8-qdq.yaml" in profile
     assert "tools.profile --model yolo11m --recipes recipes/fp16.yaml recipes/int8-qdq.yaml" in profile
-    for target in ("sensitivity", "ultralytics", "predict", "e2e", "engine"):
+    for target in ("sensitivity", "ultralytics", "predict", "e2e", "engine", "inspect"):
         assert "--model yolo11m" in make(target, "MODEL=yolo11m").stdout, target
     # a sweep's grid names its size: MODEL= goes along only when given, so that another grid's size is refused
     assert "--model" not in make("sweep", "GRID=recipes/grids/yolo11m.yaml").stdout

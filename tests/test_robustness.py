@@ -262,7 +262,7 @@ def test_compare_with_missing_polygraphy_command(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Every flag and make knob a message names exists
 OWNED = ["tools/evaluate.py", "tools/calib.py", "tools/compare.py", "tools/common.py", "tools/quantize.py",
-         "tools/ultralytics_engine.py"]
+         "tools/ultralytics_engine.py", "tools/polygraphy_inspect.py"]
 
 
 def test_messages_name_only_real_flags_and_knobs():

@@ -233,6 +233,13 @@ class Point:
                 qjson.is_file() else None}
 
 
+def autocast_path(point: Point) -> Path:
+    """Where autocast_fp16 writes the point's FP16 model (named by the source's bytes and the image size)."""
+    recipe, source = point.recipe, point.model_onnx
+    size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
+    return point.layout.quant / f"{recipe.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
+
+
 def autocast_fp16(point: Point) -> Path:
     """TensorRT 11 has no --fp16: bake FP16 into the ONNX with ModelOpt AutoCast (as Ultralytics 8.4 does). AutoCast
     keeps in FP32 the nodes whose activations overflow FP16, judged on one real calibration image (its default
@@ -244,8 +251,7 @@ def autocast_fp16(point: Point) -> Path:
 
     recipe, setup, layout = point.recipe, point.setup, point.layout
     source = point.model_onnx
-    size = f"-{recipe.imgsz}" if recipe.imgsz != 640 else ""  # AutoCast judges overflow on an image of that size
-    out = layout.quant / f"{recipe.model}.autocast-fp16{size}.{file_digest(source)[:12]}.onnx"
+    out = autocast_path(point)
     if out.is_file():
         return out
     image = layout.calib / f"autocast-{recipe.imgsz}-n1.npz"  # AutoCast reads .npz keyed by input name
