@@ -56,7 +56,8 @@ class Bench(BaseModel):
     duration_s: Annotated[float, Field(gt=0)] = 1.5
     warmup_ms: Annotated[StrictInt, Field(gt=0)] = 200
     compare_images: Annotated[StrictInt, Field(ge=0)] = 0
-    # the references' own count where set: a `polygraphy run` comparison in the yardsticks' records, not in every point's
+    # images for the references' `polygraphy run` comparison, where set (default: compare_images, as every point):
+    # the yardsticks' records carry one; a comparison is in no key, so a finished reference gains it and keeps its key
     compare_references: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
