@@ -312,5 +312,5 @@ def test_make_ultralytics_writes_the_copy_beside_the_recorded_engine(tmp_path):
 def test_make_ultralytics_passes_its_knobs():
     res = subprocess.run(["make", "-s", "-n", f"PY={sys.executable}", "ultralytics", f"RECIPE={RECIPE}",
                           "PROFILES=b32", "RESULTS=out"], cwd=REPO, capture_output=True, text=True)
-    assert f"-m tools.ultralytics_engine --recipe {RECIPE}" in res.stdout, res.stderr
+    assert f"-m tools.ultralytics_engine --model yolo11n --recipe {RECIPE}" in res.stdout, res.stderr
     assert '--results "out"' in res.stdout and "--profiles b32" in res.stdout
