@@ -1,13 +1,13 @@
 # YOLO11 -> ModelOpt INT8 Q/DQ -> TensorRT recipe book. `make help` lists the targets and knobs; `make print-VAR`
-# shows what a knob resolves to. Recipes (recipes/<model>/*.yaml) are data: a new configuration is a new recipe
-# file, never a new rule here.
+# shows what a knob resolves to. Recipes (recipes/*.yaml, one per configuration for every model size: MODEL= picks
+# the size) are data: a new configuration is a new recipe file, never a new rule here.
 
 ## knobs (make VAR=value ...)
 VENV       ?= .venv#                                   environment `make` creates on first use (PY=python3 skips it)
 PY         ?= $(VENV)/bin/python#                      the Python that runs the tools (py311 on the devkit)
-MODEL      ?= $(or $(filter yolo%,$(basename $(notdir $(PT)))),yolo11n)#  recipes/MODEL/, models/yolo11/MODEL.onnx (PT=yolo11s.pt: yolo11s)
-RECIPES    ?= $(sort $(wildcard recipes/$(MODEL)/*.yaml))#  the recipes `all`, `cpu`, `gpu` run
-RECIPE     ?= recipes/$(MODEL)/int8-qdq.yaml#          the recipe one-recipe targets run
+MODEL      ?= $(or $(filter yolo%,$(basename $(notdir $(PT)))),yolo11n)#  the size recipes run on (models/yolo11/MODEL.onnx; PT=yolo11s.pt: yolo11s)
+RECIPES    ?= $(sort $(wildcard recipes/*.yaml))#       the recipes `all`, `cpu`, `gpu` run
+RECIPE     ?= recipes/int8-qdq.yaml#                   the recipe one-recipe targets run
 ONNX       ?= models/yolo11/$(MODEL).onnx#             the model: export writes it; set it to start every recipe from another ONNX
 PT         ?=#                                          a .pt checkpoint (or ultralytics .yaml) for `make export`
 CALIB_DIR  ?= calib/images#                            calibration images (never evaluation images)
@@ -32,7 +32,7 @@ SENS_TARGET ?= 0.95#                                    agreement with FP32 the 
 SENS_GROUPS ?= 4#                                       most blocks or layers the sensitivity proposal keeps in float
 SENS_PROFILE ?=#                                         by-block.csv of `make profile`: latency-aware proposal
 MS_BUDGET ?=#                                            with SENS_PROFILE: most ms the float blocks or layers may add
-E2E ?= fp16 int8-dfl-mse fp16-e2e int8-dfl-mse-e2e#     recipes of MODEL that `make e2e` times end to end
+E2E ?= fp16 int8-dfl-mse fp16-e2e int8-dfl-mse-e2e#     recipes (recipes/NAME.yaml) `make e2e` times end to end
 E2E_ARGS ?=#                                             more tools.e2e flags, e.g. --streams 4 --frames 128
 SOURCE     ?= data/coco-mini/images#                   what `make predict` detects in: an image, a folder of images or a video
 MODEL_FILE ?=#                                          an engine or ONNX `make predict` runs instead of RECIPE's own
@@ -44,9 +44,10 @@ KNOBS = VENV PY MODEL RECIPES RECIPE ONNX PT CALIB_DIR CALIB_IMAGES EVAL_DIR EVA
         SENS_TARGET SENS_GROUPS SENS_PROFILE MS_BUDGET E2E E2E_ARGS SOURCE MODEL_FILE CONF IOU
 
 # the one-recipe targets check RECIPE before doing anything
-ifneq ($(filter calib quantize onnxrt engine bench accuracy sensitivity profile ultralytics predict,$(MAKECMDGOALS)),)
+ONE_RECIPE = calib quantize onnxrt engine bench accuracy sensitivity profile inspect ultralytics predict
+ifneq ($(filter $(ONE_RECIPE),$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
-$(error RECIPE=$(RECIPE) does not exist; recipes for MODEL=$(MODEL) are: $(notdir $(RECIPES)))
+$(error RECIPE=$(RECIPE) does not exist; the recipes are: $(notdir $(RECIPES)))
 endif
 endif
 
@@ -58,16 +59,17 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 user_set = $(filter command line environment,$(origin $(1)))
+MODEL_ARG = --model $(MODEL)
 SETUP = --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --results "$(RESULTS)" --trtexec "$(TRTEXEC)" \
         --polygraphy "$(POLYGRAPHY)" $(if $(TRT_VERSION),--trt $(TRT_VERSION)) \
         $(if $(EVAL_LIMIT),--eval-limit $(EVAL_LIMIT)) $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
         $(if $(call user_set,ONNX),--onnx "$(ONNX)") $(if $(PROFILES),--profiles $(PROFILES)) \
         $(if $(LEVEL),--level $(LEVEL)) $(if $(OVERWRITE),--overwrite)
-PIPELINE = $(PY) -m tools.pipeline
-SUMMARY = $(PY) -m tools.summary $(RECIPES) $(SETUP)
+PIPELINE = $(PY) -m tools.pipeline $(MODEL_ARG)
+SUMMARY = $(PY) -m tools.summary $(MODEL_ARG) $(RECIPES) $(SETUP)
 
-.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile ultralytics summary sweep \
-        sensitivity report sizes e2e predict test clean
+.PHONY: help all gpu cpu export calib quantize onnxrt engine bench accuracy profile inspect ultralytics summary \
+        sweep sensitivity report sizes e2e predict test clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -112,26 +114,32 @@ accuracy: $(ENV)  ## COCO mAP of RECIPE's engines + polygraphy comparison agains
 	$(PIPELINE) engine,accuracy $(RECIPE) $(SETUP)
 
 profile: $(ENV)  ## per-layer time and precision of RECIPE's engines beside FP16's, by YOLO block (CSV + plot)
-	$(PIPELINE) engine,layers recipes/$(MODEL)/fp16.yaml $(RECIPE) $(SETUP)
-	$(PY) -m tools.profile --recipes recipes/$(MODEL)/fp16.yaml $(RECIPE) --results "$(RESULTS)" \
+	$(PIPELINE) engine,layers recipes/fp16.yaml $(RECIPE) $(SETUP)
+	$(PY) -m tools.profile $(MODEL_ARG) --recipes recipes/fp16.yaml $(RECIPE) --results "$(RESULTS)" \
 	    $(if $(PROFILES),--profiles $(PROFILES)) $(if $(OVERWRITE),--overwrite)
 
+inspect: $(ENV)  ## `polygraphy inspect model` on RECIPE's engines (TensorRT >= 8.6.1), else on their ONNX
+	$(PY) -m tools.polygraphy_inspect $(MODEL_ARG) $(RECIPE) $(SETUP)
+
 ultralytics: $(ENV)  ## copies of RECIPE's engines with ultralytics' header: YOLO("x.ultralytics.engine") loads them
-	$(PY) -m tools.ultralytics_engine --recipe $(RECIPE) --results "$(RESULTS)" $(if $(PROFILES),--profiles $(PROFILES))
+	$(PY) -m tools.ultralytics_engine $(MODEL_ARG) --recipe $(RECIPE) --results "$(RESULTS)" \
+	    $(if $(PROFILES),--profiles $(PROFILES))
 
 summary: $(ENV)  ## RESULTS/MODEL/summary.{json,csv,md} from this evaluation set's records
 	$(SUMMARY)
 
 sensitivity: $(ENV)  ## which blocks (or layers) cost accuracy when INT8, and the smallest exclusion set proposed
-	$(PY) -m tools.sensitivity $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" --images $(SENS_IMAGES) \
-	    --unit $(SENS_UNIT) --target $(SENS_TARGET) --max-groups $(SENS_GROUPS) \
+	$(PY) -m tools.sensitivity $(MODEL_ARG) $(RECIPE) --calib-dir "$(CALIB_DIR)" --eval-dir "$(EVAL_DIR)" \
+	    --images $(SENS_IMAGES) --unit $(SENS_UNIT) --target $(SENS_TARGET) --max-groups $(SENS_GROUPS) \
 	    $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) $(if $(SENS_PROFILE),--profile "$(SENS_PROFILE)") \
 	    -o "$(RESULTS)/$(MODEL)/sensitivity$(if $(filter layer,$(SENS_UNIT)),-layers)$(if $(SENS_PROFILE),-latency).json" \
 	    $(if $(MS_BUDGET),--ms-budget $(MS_BUDGET)) $(if $(OVERWRITE),--overwrite) \
 	    $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
+# the grid's `model:` is its size: MODEL= goes along only where set, so that a grid of another size is refused
 sweep: $(ENV)  ## expand GRID into recipes and run each point end to end on every GPU (cached, resumable)
-	$(PY) -m tools.sweep $(GRID) $(SETUP) $(if $(GPUS),--gpus $(GPUS)) --jobs-per-gpu $(JOBS_PER_GPU) $(SWEEP_ARGS)
+	$(PY) -m tools.sweep $(GRID) $(if $(call user_set,MODEL),$(MODEL_ARG)) $(SETUP) $(if $(GPUS),--gpus $(GPUS)) \
+	    --jobs-per-gpu $(JOBS_PER_GPU) $(SWEEP_ARGS)
 
 report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configuration and the deployment guide
 	$(PY) -m tools.report --model $(MODEL) --budget $(BUDGET) --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
@@ -139,15 +147,15 @@ report: $(ENV)  ## REPORT.md: the sweep table, Pareto plots, the chosen configur
 sizes: $(ENV)  ## RESULTS/sizes.{md,csv}: INT8 over FP16 speed-up by model size, from every model's sweep
 	$(PY) -m tools.sizes --results "$(RESULTS)" $(if $(OVERWRITE),--overwrite)
 
-E2E_RECIPES = $(foreach r,$(E2E),recipes/$(MODEL)/$(r).yaml)
+E2E_RECIPES = $(foreach r,$(E2E),recipes/$(r).yaml)
 e2e: $(ENV)  ## FP16 and INT8, raw and end-to-end engines: preprocess, copies, inference, NMS, whole-loop img/s
 	$(PIPELINE) engine $(E2E_RECIPES) $(SETUP)
-	$(PY) -m tools.e2e $(E2E_RECIPES) $(SETUP) $(E2E_ARGS)
+	$(PY) -m tools.e2e $(MODEL_ARG) $(E2E_RECIPES) $(SETUP) $(E2E_ARGS)
 
 predict: $(ENV)  ## annotated SOURCE + detections JSON with RECIPE's engine (ONNX Runtime on a CPU machine)
-	$(PY) -m tools.predict "$(SOURCE)" $(RECIPE) --conf $(CONF) --iou $(IOU) --results "$(RESULTS)" \
+	$(PY) -m tools.predict "$(SOURCE)" $(RECIPE) $(MODEL_ARG) --conf $(CONF) --iou $(IOU) --results "$(RESULTS)" \
 	    --calib-dir "$(CALIB_DIR)" $(if $(CALIB_IMAGES),--calib-images $(CALIB_IMAGES)) \
-	    $(if $(MODEL_FILE),--model "$(MODEL_FILE)") $(if $(LEVEL),--level $(LEVEL)) $(if $(TRT_VERSION),--trt $(TRT_VERSION))
+	    $(if $(MODEL_FILE),--model-file "$(MODEL_FILE)") $(if $(LEVEL),--level $(LEVEL)) $(if $(TRT_VERSION),--trt $(TRT_VERSION))
 
 test: $(ENV)  ## the test suite (GPU tests skip without TensorRT and a GPU)
 	$(PY) -m pytest -q tests

@@ -69,7 +69,7 @@ def test_concat_inputs_share_the_output_scale():
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=4)
     caches = {m: read_cache(calibrate(recipe.replace(calibration_method=m), CALIB, None, root))
               for m in ("max", "mse", "percentile")}
     return root, recipe, caches

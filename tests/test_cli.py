@@ -14,8 +14,11 @@ from tools.core.setup import add_setup_args
 
 VERBS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if "\ndef main(" in p.read_text())
 # (parser, flag) where the name means something else: the export's own image size when none is given, a run's results
-# folder relative to the checkout it ran in
-OWN_MEANING = {("python -m tools.ultralytics_engine", "--imgsz"), ("python -m tools.records publish", "--results")}
+# folder relative to the checkout it ran in, the one model whose results a verb reads or removes (no recipe files:
+# yolo11n unless given)
+OWN_MEANING = {("python -m tools.ultralytics_engine", "--imgsz"), ("python -m tools.records publish", "--results"),
+               ("python -m tools.report", "--model"), ("python -m tools.records publish", "--model"),
+               ("python -m tools.records clean", "--model")}
 NOT_SHARED = {"--onnx"}  # a setup flag whose meaning differs from verb to verb (the model to start from, to build, ...)
 
 
@@ -24,13 +27,14 @@ def canonical() -> dict[str, argparse.Action]:
     ap = argparse.ArgumentParser()
     add_setup_args(ap)
     cli.add_imgsz(ap)
+    cli.add_model(ap)
     return {a.option_strings[0]: a for a in ap._actions if a.option_strings and a.option_strings[0] != "-h"
             and a.option_strings[0] not in NOT_SHARED}
 
 
 SHARED = {"--results", "--overwrite", "--trt", "--trtexec", "--polygraphy", "--imgsz", "--warmup-ms", "--duration",
           "--calib-dir", "--eval-dir", "--calib-images", "--level", "--profiles", "--eval-limit", "--cuda-graphs",
-          "--compare-images"}
+          "--compare-images", "--model"}
 
 
 def parsers_of(verb: str, monkeypatch, capsys) -> tuple[list[argparse.ArgumentParser], str]:
@@ -79,6 +83,8 @@ def test_the_help_check_sees_the_flags(monkeypatch, capsys):
     parsers, out = parsers_of("pipeline", monkeypatch, capsys)
     flags = {f for ap in parsers for a in ap._actions for f in a.option_strings}
     assert SHARED - {"--imgsz"} <= flags and "--trt" in out
+    parsers, _ = parsers_of("report", monkeypatch, capsys)  # its --model is another, and the check must see it
+    assert any("--model" in a.option_strings and a.default == "yolo11n" for ap in parsers for a in ap._actions)
     parsers, _ = parsers_of("records", monkeypatch, capsys)
     assert any("--results" in a.option_strings for ap in parsers[1:] for a in ap._actions)  # `clean`'s
 

@@ -16,8 +16,8 @@ from tools.core.recipe import Deploy, load
 from tools.deploy_graph import FLOAT_INPUT, NMS_OUTPUTS, PLUGIN, add_nms, decode_nms, end_to_end, fold_input
 from tools.yolo.preprocess import preprocess, to_input
 
-FP16 = REPO / "recipes/yolo11n/fp16.yaml"
-E2E = REPO / "recipes/yolo11n/fp16-e2e.yaml"
+FP16 = REPO / "recipes/fp16.yaml"
+E2E = REPO / "recipes/fp16-e2e.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_deploy_key_is_validated_in_one_line(tmp_path):
     res = run_tool("tools.pipeline", "cpu", str(bad))
     assert res.returncode == 2 and "key `deploy.input`" in res.stderr and "uint8-nhwc | uint8-nchw" in res.stderr
     with pytest.raises(UserError, match="deploy needs precision fp16 or int8-qdq"):
-        load(REPO / "recipes/yolo11n/int8-implicit.yaml").replace(deploy={})
+        load(REPO / "recipes/int8-implicit.yaml").replace(deploy={})
 
 
 def test_an_nms_engine_builds_without_library_tactics_on_tensorrt_8():

@@ -82,5 +82,5 @@ def test_without_tensorrt_make_e2e_says_so_in_one_line():
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    res = run_tool("tools.e2e", "recipes/yolo11n/fp16.yaml", "--eval-dir", str(MINI))
+    res = run_tool("tools.e2e", "recipes/fp16.yaml", "--eval-dir", str(MINI))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "needs TensorRT" in res.stderr

@@ -17,7 +17,7 @@ from tools.trtlog import parse
 
 
 def test_ultralytics_head_constraints_resolve_on_the_real_graph():
-    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
+    r = load(REPO / "recipes/int8-implicit.yaml")
     chosen = resolve_layer_precisions(r, onnx_nodes(MODEL))
     fp16 = sorted(n for n, p in chosen.items() if p == "fp16")
     assert "/model.23/dfl/conv/Conv" in fp16 and len(fp16) == 7  # 6 x ".2/Conv" + DFL
@@ -25,14 +25,14 @@ def test_ultralytics_head_constraints_resolve_on_the_real_graph():
 
 
 def test_rule_matching_nothing_is_an_error():
-    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml").replace(
+    r = load(REPO / "recipes/int8-implicit.yaml").replace(
         layer_precisions=[{"match": "^/model\\.99/", "precision": "fp32"}])
     with pytest.raises(UserError, match="matches no node"):
         resolve_layer_precisions(r, onnx_nodes(MODEL))
 
 
 def test_build_args_and_the_fallback_accepts_them():
-    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
+    r = load(REPO / "recipes/int8-implicit.yaml")
     p = plan(r, "8.6")
     lp = resolve_layer_precisions(r, onnx_nodes(MODEL))
     args = build_args(r, "b32", p, "m.onnx", "e.engine", "t.cache", "c.cache", lp)
@@ -48,7 +48,7 @@ def test_build_args_and_the_fallback_accepts_them():
 
 
 def test_strongly_typed_build_has_no_precision_flags():
-    r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    r = load(REPO / "recipes/int8-qdq.yaml")
     args = build_args(r, "b1", plan(r, "11"), "m.onnx", "e.engine")
     assert "--stronglyTyped" in args and "--fp16" not in args and "--int8" not in args
 
@@ -94,7 +94,7 @@ def test_fallback_help_lists_every_flag_the_recipes_use():
 
     out = run_tool("tools.trtexec_py", "--help")
     assert out.returncode == 0 and "not trtexec" in out.stdout
-    r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    r = load(REPO / "recipes/int8-qdq.yaml")
     for arg in build_args(r, "b1", plan(r, "8.6"), MODEL, "x.engine", timing_cache="t.cache"):
         assert arg[2:].split("=")[0] in out.stdout
 

@@ -27,7 +27,7 @@ def session(model):
 @pytest.fixture(scope="module")
 def flavours(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
-    recipe = load(REPO / "recipes/yolo11n/int8-ultralytics.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-ultralytics.yaml").replace(calib_images=4)
     return {hp: quantize(recipe, trt, CALIB, root=root) for hp, trt in (("fp16", "10"), ("fp32", "8.6"))}
 
 
@@ -93,7 +93,7 @@ def test_two_machines_make_the_same_bytes(flavours, tmp_path):
     them, so a fresh checkout makes a byte-identical model (and the same engine key)."""
     import hashlib
 
-    recipe = load(REPO / "recipes/yolo11n/int8-ultralytics.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-ultralytics.yaml").replace(calib_images=4)
     again = quantize(recipe, "10", CALIB, root=tmp_path)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert again.name == flavours["fp16"].name and digest(again) == digest(flavours["fp16"])

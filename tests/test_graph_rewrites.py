@@ -23,8 +23,8 @@ from tools.yolo.preprocess import preprocess, to_input
 from tools.trt_plan import plan
 from tools.trtexec_py import apply_io_formats, parse_flags, parse_io_formats
 
-INT8 = REPO / "recipes/yolo11n/int8-dfl-mse.yaml"
-FP16 = REPO / "recipes/yolo11n/fp16.yaml"
+INT8 = REPO / "recipes/int8-dfl-mse.yaml"
+FP16 = REPO / "recipes/fp16.yaml"
 ATOL = 1e-5  # outputs are box pixels (0..640) and scores (0..1): 1e-5 absolute is at most 1e-5 relative to scores
 
 
@@ -131,14 +131,14 @@ def test_bad_rewrite_name_is_one_line_naming_the_file(tmp_path):
         f"error: {MODEL}: unknown graph rewrite(s) 'fuse-all'; known: {', '.join(GRAPH_REWRITES)}"]
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(UserError, match="precision fp16 or int8-qdq"):
-        load(REPO / "recipes/yolo11n/int8-implicit.yaml").replace(graph_rewrites=["split-conv"])
+        load(REPO / "recipes/int8-implicit.yaml").replace(graph_rewrites=["split-conv"])
 
 
 def test_rewrites_are_in_the_keys_and_off_by_default(tmp_path):
     from tools.quantize import quantized_path
 
     base = load(INT8)
-    split = load(REPO / "recipes/yolo11n/int8-dfl-mse-split.yaml")
+    split = load(REPO / "recipes/int8-dfl-mse-split.yaml")
     assert "graph_rewrites" not in base.settings() and "input_io_format" not in base.settings()  # old keys stay
     assert split.settings("quantize")["graph_rewrites"] == ["split-conv"]
     assert quantized_path(split.replace(name="x"), "fp32", tmp_path, "c") != \
@@ -152,7 +152,7 @@ def test_fp16_engine_starts_from_the_rewritten_model(tmp_path):
     setup = pipeline.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path / "runs",
                            trt_version="8.6")
     plain = pipeline.Point(load(FP16), setup, "b1")
-    fused = pipeline.Point(load(REPO / "recipes/yolo11n/fp16-fused.yaml"), setup, "b1")
+    fused = pipeline.Point(load(REPO / "recipes/fp16-fused.yaml"), setup, "b1")
     assert plain.engine_onnx == MODEL
     assert not fused.engine_onnx.is_file()  # named, not made: reading a Point does no work
     pipeline.make_onnx(fused)
@@ -169,7 +169,7 @@ def test_fp16_engine_starts_from_the_rewritten_model(tmp_path):
     ("int8-dfl-mse-fp16in", ["--inputIOFormats=fp16:chw"]), ("int8-dfl-mse-fp16out", ["--outputIOFormats=fp16:chw"]),
     ("int8-dfl-mse", []), ("fp16-fused", ["--inputIOFormats=fp16:chw"])])
 def test_io_formats_map_onto_trtexec_flags_and_the_fallback(recipe, flags):
-    r = load(REPO / f"recipes/yolo11n/{recipe}.yaml")
+    r = load(REPO / f"recipes/{recipe}.yaml")
     args = build_args(r, "b1", plan(r, "8.6"), "m.onnx", "e.engine")
     assert [a for a in args if "IOFormats" in a] == flags
     opts = parse_flags(args)  # the fallback takes the very same command line
@@ -246,7 +246,7 @@ def test_host_feeds_float16_where_the_engine_takes_it():
 
 
 def test_io_formats_refused_where_the_engine_has_its_own():
-    e2e = load(REPO / "recipes/yolo11n/int8-dfl-mse-e2e.yaml")
+    e2e = load(REPO / "recipes/int8-dfl-mse-e2e.yaml")
     with pytest.raises(UserError, match="leave input_io_format at fp32:chw"):
         e2e.replace(input_io_format="fp16:chw")
     with pytest.raises(UserError, match="leave output_io_format at fp32:chw"):
@@ -264,7 +264,7 @@ def quantized(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     base = load(INT8).replace(calib_images=4, qdq_rewrites=["concat"])
     plain = quantize(base, "8.6", CALIB, root=root)
-    split = quantize(load(REPO / "recipes/yolo11n/int8-dfl-mse-split.yaml").replace(calib_images=4), "8.6", CALIB,
+    split = quantize(load(REPO / "recipes/int8-dfl-mse-split.yaml").replace(calib_images=4), "8.6", CALIB,
                      root=root)
     return plain, split
 

@@ -27,8 +27,8 @@ from tools.quantize import quantized_path, unmatched_exclusions
 from tools.records import clean
 from tools.summary import ran_results, summarize
 
-INT8 = REPO / "recipes/yolo11n/int8-qdq.yaml"
-FP16 = REPO / "recipes/yolo11n/fp16.yaml"
+INT8 = REPO / "recipes/int8-qdq.yaml"
+FP16 = REPO / "recipes/fp16.yaml"
 
 
 def one_line_error(res, *words):
@@ -178,7 +178,7 @@ SWEEP = {  # key: (base recipe, a value off the base's, other axes of a product 
     "nodes_to_exclude": (INT8, ["/model\\.10/.*"], {}), "op_types_to_exclude": (INT8, ["Sigmoid"], {}),
     "high_precision_dtype": (INT8, "fp16", {}), "qdq_rewrites": (INT8, ["concat"], {}),
     "calibration_eps": (INT8, ["cpu", "trt"], {}),
-    "implicit_calibrator": (REPO / "recipes/yolo11n/int8-implicit.yaml", "entropy", {}),
+    "implicit_calibrator": (REPO / "recipes/int8-implicit.yaml", "entropy", {}),
     "layer_precisions": (INT8, [{"match": "/model\\.0/", "precision": "fp32"}], {}),
     "builder_optimization_level": (INT8, 1, {}), "timing_cache": (INT8, False, {}),
     "deploy": (INT8, {"input": "uint8-nhwc", "nms": {"conf": 0.001, "iou": 0.7, "max_det": 300}}, {}),

@@ -18,7 +18,7 @@ LAYERS = ("tools.core", "tools.yolo")  # a module may import its own layer and t
 ENGINE_SIDE = ("tools.engine", "tools.trtexec_py", "tools.bench", "tools.compare", "tools.evaluate", "tools.e2e",
                "tools.implicit_calib", "tools.ultralytics_engine", "tools.pipeline", "tools.sweep", "tools.profile",
                "tools.yolo.layers", "tools.predict", "tools.deploy_graph", "tools.summary", "tools.report",
-               "tools.sizes")
+               "tools.sizes", "tools.polygraphy_inspect")
 
 
 def modules() -> dict[str, ast.Module]:

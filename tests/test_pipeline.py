@@ -14,7 +14,7 @@ import tools.pipeline as pipeline
 from tools.core.errors import UserError
 from tools.core.recipe import load
 
-FP16 = REPO / "recipes/yolo11n/fp16.yaml"
+FP16 = REPO / "recipes/fp16.yaml"
 
 
 def setup(tmp_path, **kw):
@@ -86,14 +86,14 @@ def test_keys_change_with_everything_that_shapes_the_result(tmp_path, monkeypatc
 
 def test_calibration_cap_renames_what_it_changes(tmp_path):
     s = setup(tmp_path, calib_images=32)
-    q = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    q = load(REPO / "recipes/int8-qdq.yaml")
     assert s.adapt(q).calib_images == 32 and s.adapt(q.replace(calib_images=16)).calib_images == 16
     assert s.adapt(load(FP16)) == load(FP16)
 
 
 def test_a_run_level_rebuilds_every_recipe_at_that_level_under_its_own_key(tmp_path):
     """LEVEL= / --level: each recipe as the run builds it, so its points' keys (and names in a sweep) say the level."""
-    q = load(REPO / "recipes/yolo11n/int8-dfl-mse.yaml").replace(calib_images=32)
+    q = load(REPO / "recipes/int8-dfl-mse.yaml").replace(calib_images=32)
     at1 = setup(tmp_path, level=1).adapt(q)
     assert q.builder_optimization_level == 3 and at1.builder_optimization_level == 1
     assert at1.replace(builder_optimization_level=3) == q and setup(tmp_path, level=3).adapt(q) == q
@@ -125,7 +125,7 @@ def test_onnxrt_result_follows_the_annotations(tmp_path):
 
 
 def test_a_collapsed_quantized_model_is_an_error(tmp_path, monkeypatch):
-    q = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    q = load(REPO / "recipes/int8-qdq.yaml")
     point = pipeline.Point(q, setup(tmp_path))
     monkeypatch.setattr(pipeline.Point, "onnx", REPO / "models/yolo11/yolo11n-qdq-stand-in.onnx")
     scores = {"fp32": 0.41, "q": 0.015}
@@ -199,7 +199,7 @@ def test_no_stage_runs_on_a_model_that_is_not_a_detector(tmp_path):
     import onnx
 
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(cls))
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(onnx=str(cls), calib_images=4)
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(onnx=str(cls), calib_images=4)
     with pytest.raises(UserError, match="cls.onnx"):
         pipeline.run_recipe(recipe, dataclasses.replace(setup(tmp_path), root=tmp_path), ("calib", "quantize"))
     assert not (tmp_path / "calib").exists() and not (tmp_path / "models").exists()  # refused before any work
@@ -208,7 +208,7 @@ def test_no_stage_runs_on_a_model_that_is_not_a_detector(tmp_path):
 def test_a_point_names_the_quantized_model_without_making_it(tmp_path):
     """Reading Point.onnx starts no ModelOpt run: the quantize stage makes the file, and its done-check and the Point
     name the same path."""
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=4)
     point = pipeline.Point(recipe, setup_mod.Setup(calib_dir=CALIB, eval_dir=MINI, root=tmp_path, results=tmp_path,
                                                    trt_version="8.6.1"), "b1")
     assert point.onnx.parent == tmp_path / "models/yolo11n/quant" and point.onnx.name.startswith("int8-qdq.")

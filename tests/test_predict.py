@@ -13,7 +13,7 @@ from conftest import MINI, MODEL, REPO, run_tool
 from tools.core.files import list_images
 from tools.yolo.decode import COCO80_NAMES
 
-FP16 = "recipes/yolo11n/fp16.yaml"
+FP16 = "recipes/fp16.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,8 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path, images):
 
 
 @pytest.mark.parametrize("knob,flag", [("SOURCE=clip.mp4", 'tools.predict "clip.mp4"'), ("CONF=0.5", "--conf 0.5"),
-                                       ("IOU=0.6", "--iou 0.6"), ("MODEL_FILE=e.engine", '--model "e.engine"'),
-                                       ("RECIPE=recipes/yolo11n/fp16-e2e.yaml", "recipes/yolo11n/fp16-e2e.yaml")])
+                                       ("IOU=0.6", "--iou 0.6"), ("MODEL_FILE=e.engine", '--model-file "e.engine"'),
+                                       ("RECIPE=recipes/fp16-e2e.yaml", "recipes/fp16-e2e.yaml")])
 def test_predict_knobs_reach_the_tool(knob, flag):
     res = subprocess.run(["make", "-s", "-n", f"PY={sys.executable}", "predict", knob], cwd=REPO, capture_output=True,
                          text=True)

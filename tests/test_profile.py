@@ -236,9 +236,9 @@ def test_make_profile_reads_the_records_of_the_run(tmp_path):
                "bench": [{"batch": 32, "cuda_graph": False, "latency_ms_p50": 3.5}],
                "layers": {"batch": 32, "layers_json": files["layers"], "profile_json": files["profile"]}}
         layout.write_json(layout.points / f"{name}.b32.{name}.json", rec)
-    written = from_records([REPO / "recipes/yolo11n/int8-qdq.yaml", REPO / "recipes/yolo11n/fp16.yaml"], tmp_path,
+    written = from_records([REPO / "recipes/int8-qdq.yaml", REPO / "recipes/fp16.yaml"], tmp_path,
                            profiles=["b32"])
     out = tmp_path / "yolo11n" / "profile" / "b32-L3"
     assert set(written) == {"b32"} and (out / "profile.md").is_file() and (out / "by-block.csv").is_file()
     with pytest.raises(UserError, match="no per-layer profile"):
-        from_records([REPO / "recipes/yolo11n/int8-qdq.yaml"], tmp_path, profiles=["b1"])
+        from_records([REPO / "recipes/int8-qdq.yaml"], tmp_path, profiles=["b1"])

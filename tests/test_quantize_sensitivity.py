@@ -14,7 +14,7 @@ from tools.sensitivity import block_groups, bypass_qdq
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=4)
     path = quantize(recipe, "8.6", CALIB, root=root)
     return root, recipe, path
 

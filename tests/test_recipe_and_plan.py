@@ -7,7 +7,7 @@ from tools.core.files import digest
 from tools.core.recipe import from_dict, load
 from tools.trt_plan import plan
 
-RECIPES = sorted((REPO / "recipes" / "yolo11n").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def test_shipped_recipes_load():
@@ -57,11 +57,11 @@ def test_profiles_static_and_dynamic():
 
 def test_stage_settings_are_derived_from_the_fields():
     """Each stage's key holds the fields that shape it (and earlier stages'), for the recipe's precision only."""
-    q = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    q = load(REPO / "recipes/int8-qdq.yaml")
     assert set(q.settings("calib")) == {"imgsz", "calib_images", "calib_seed"}
     assert {"calibration_method", "nodes_to_exclude", "high_precision_dtype"} <= set(q.settings("quantize"))
     assert "builder_optimization_level" not in q.settings("quantize")
-    f = load(REPO / "recipes/yolo11n/fp16.yaml")
+    f = load(REPO / "recipes/fp16.yaml")
     assert "calib_images" not in f.settings() and "calibration_method" not in f.settings()
     assert digest(f.settings()) == digest(f.replace(calib_images=7, calibration_method="max").settings())
     # every field either shapes a stage or is declared identity: a new key cannot be left out of the keys silently
@@ -71,14 +71,14 @@ def test_stage_settings_are_derived_from_the_fields():
 
 
 def test_key_follows_settings_not_name():
-    r = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    r = load(REPO / "recipes/int8-qdq.yaml")
     assert digest(r.settings()) == digest(r.replace(name="other").settings())
     assert digest(r.settings()) != digest(r.replace(calib_images=64).settings())
     assert digest(r.settings()) != digest(r.replace(nodes_to_exclude=()).settings())
 
 
 def test_plan_fp16():
-    r = load(REPO / "recipes/yolo11n/fp16.yaml")
+    r = load(REPO / "recipes/fp16.yaml")
     assert plan(r, "8.6.1").precision_flags == ("--fp16",)
     assert plan(r, "10.13").precision_flags == ("--fp16",)
     p11 = plan(r, "11.4")
@@ -86,7 +86,7 @@ def test_plan_fp16():
 
 
 def test_plan_qdq_high_precision_dtype_per_version():
-    r = load(REPO / "recipes/yolo11n/int8-ultralytics.yaml")  # asks for fp16 high precision
+    r = load(REPO / "recipes/int8-ultralytics.yaml")  # asks for fp16 high precision
     assert plan(r, "8.6").high_precision_dtype == "fp32"  # 8.6 misreads FP16 scales
     assert plan(r, "10.8").high_precision_dtype == "fp16"
     assert plan(r, "10.8").precision_flags == ("--fp16", "--int8")
@@ -95,7 +95,7 @@ def test_plan_qdq_high_precision_dtype_per_version():
 
 
 def test_plan_implicit_int8_stops_at_trt11():
-    r = load(REPO / "recipes/yolo11n/int8-implicit.yaml")
+    r = load(REPO / "recipes/int8-implicit.yaml")
     assert plan(r, "10.3").implicit_calibration
     with pytest.raises(UserError, match="TensorRT <= 10"):
         plan(r, "11.0")
@@ -107,7 +107,7 @@ def test_dump_round_trips_and_leaves_omitted_defaults_out(tmp_path):
     import yaml
 
     from tools.core.recipe import dump
-    base = load(REPO / "recipes/yolo11n/int8-qdq.yaml")
+    base = load(REPO / "recipes/int8-qdq.yaml")
     for recipe in (base, base.replace(qdq_rewrites=("concat",))):
         path = tmp_path / "r.yaml"
         path.write_text(dump(recipe))

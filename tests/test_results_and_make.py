@@ -89,7 +89,7 @@ def test_calibration_cap_only_for_the_shipped_images():
 
 
 def test_make_refuses_unknown_recipe():
-    res = make("engine", "RECIPE=recipes/yolo11n/nope.yaml")
+    res = make("engine", "RECIPE=recipes/nope.yaml")
     assert res.returncode != 0 and "int8-qdq.yaml" in res.stderr
 
 
@@ -105,7 +105,7 @@ def test_summary_reads_the_onnxrt_results_the_pipeline_writes(tmp_path):
     from tools.core.setup import Setup
 
     s = Setup(calib_dir=REPO / "calib/images", eval_dir=MINI, results=tmp_path, eval_limit=2)
-    point = pipeline.Point(load(REPO / "recipes/yolo11n/fp16.yaml"), s)
+    point = pipeline.Point(load(REPO / "recipes/fp16.yaml"), s)
     pipeline.onnxrt_score(point, point.model_onnx)
     summary = summarize(Layout("yolo11n", REPO, tmp_path), ["fp16"], MINI, 2)
     assert summary["onnxrt"]["fp32"]["images"] == 2

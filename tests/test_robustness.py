@@ -56,7 +56,7 @@ def test_modelopt_never_touches_the_users_onnx(tmp_path):
     shutil.copy(MODEL, user)
     before = sha256_file(user), user.stat().st_mtime_ns
     root = tmp_path / "root"
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4, onnx=str(user))
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=4, onnx=str(user))
     out = quantize(recipe, "8.6", CALIB, root=root)
     assert (sha256_file(user), user.stat().st_mtime_ns) == before  # not even rewritten with the same bytes
     assert sorted(os.listdir(user.parent)) == ["yolo11n.onnx"]  # no ModelOpt intermediates beside it either
@@ -80,7 +80,7 @@ def test_sigterm_during_modelopt_leaves_the_model_alone(tmp_path):
     before = sha256_file(user), user.stat().st_mtime_ns
     root = tmp_path / "root"
     quantize_run = (f"from pathlib import Path; from tools.core.errors import run_main; from tools.quantize import quantize; "
-                    f"from tools.core.recipe import load; run_main(lambda argv: quantize(load({str(REPO / 'recipes/yolo11n/int8-qdq.yaml')!r})"
+                    f"from tools.core.recipe import load; run_main(lambda argv: quantize(load({str(REPO / 'recipes/int8-qdq.yaml')!r})"
                     f".replace(calib_images=4, onnx={str(user)!r}), '8.6', {str(CALIB)!r}, root=Path({str(root)!r})))")
     proc = subprocess.Popen([sys.executable, "-c", quantize_run], cwd=REPO, env=tool_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -111,7 +111,7 @@ def test_damaged_calibration_tensor_named_before_modelopt(tmp_path):
     from tools.core.recipe import load
 
     root = tmp_path / "root"
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=4)
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=4)
     npy = calibration_name(recipe, CALIB, root)
     npy.parent.mkdir(parents=True)
     np.save(npy, np.zeros((4, 3, 640, 640), np.float32))
@@ -132,7 +132,7 @@ def test_quantize_refuses_what_is_no_model(tmp_path, content, words):
 
     model = tmp_path / "yolo11n.onnx"
     model.write_bytes(content)
-    recipe = load(REPO / "recipes/yolo11n/int8-qdq.yaml").replace(calib_images=2, onnx=str(model))
+    recipe = load(REPO / "recipes/int8-qdq.yaml").replace(calib_images=2, onnx=str(model))
     with pytest.raises(UserError, match=f"{model}: {words}"):
         quantize(recipe, "8.6", CALIB, root=tmp_path / "root")
     assert not (tmp_path / "root" / "logs").exists()  # ModelOpt never ran
@@ -263,7 +263,7 @@ def test_compare_with_missing_polygraphy_command(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Every flag and make knob a message names exists
 OWNED = ["tools/evaluate.py", "tools/calib.py", "tools/compare.py", "tools/core/files.py", "tools/quantize.py",
-         "tools/ultralytics_engine.py"]
+         "tools/ultralytics_engine.py", "tools/polygraphy_inspect.py"]
 
 
 def test_messages_name_only_real_flags_and_knobs():
@@ -303,7 +303,7 @@ def test_missing_annotations_say_where_they_go(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. engine and bench run alone find the same trtexec as the pipeline
 def test_engine_defaults_to_the_fallback_without_trtexec(tmp_path):
-    res = run_tool("tools.engine", str(REPO / "recipes/yolo11n/fp16.yaml"), "--onnx", str(MODEL), "-o",
+    res = run_tool("tools.engine", str(REPO / "recipes/fp16.yaml"), "--onnx", str(MODEL), "-o",
                    str(tmp_path / "e.engine"), "--log", str(tmp_path / "e.log"), "--trt", "8.6", "--print-only",
                    PATH=str(tmp_path))
     assert res.returncode == 0, res.stderr

@@ -19,8 +19,8 @@ from tools.sweep import earlier_runs, front, rebuild_table, run_seconds, run_swe
 
 
 def write_grid(tmp_path, design="one-at-a-time", extra=None, **top):
-    grid = {"model": "yolo11n", "base": "recipes/yolo11n/int8-qdq.yaml", "design": design,
-            "references": ["recipes/yolo11n/fp16.yaml", "recipes/yolo11n/int8-qdq.yaml"],
+    grid = {"model": "yolo11n", "base": "recipes/int8-qdq.yaml", "design": design,
+            "references": ["recipes/fp16.yaml", "recipes/int8-qdq.yaml"],
             "axes": {"calibration_method": ["entropy", "max"], "calib_images": [64, 400],
                      "nodes_to_exclude": {"default": ["/model\\.10/.*attn.*"], "none": []}, **(extra or {})}, **top}
     path = tmp_path / "grid.yaml"
@@ -98,7 +98,7 @@ def test_a_field_at_its_omitted_default_leaves_keys_and_names_alone():
     (lambda g: g["axes"].update(learning_rate=[1]), "not a recipe key"),
     (lambda g: g.update(bench={"duraton_s": 1}), "unknown key `bench.duraton_s`"),
     (lambda g: g.pop("base"), "key `base` is required"),
-    (lambda g: g.update(references="recipes/yolo11n/fp16.yaml"), "references"),
+    (lambda g: g.update(references="recipes/fp16.yaml"), "references"),
     (lambda g: g.update(design="random"), "design"),
     (lambda g: g["axes"].update(nodes_to_exclude={"s": {"from": "no/such.json", "x": 1}}), "from"),
 ])
@@ -228,11 +228,13 @@ def test_kendall_tau():
     assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
 
 
-def test_report_end_to_end_from_records(tmp_path):
+@pytest.mark.parametrize("model,knob", [("yolo11n", ""), ("yolo11s", " MODEL=yolo11s")])
+def test_report_end_to_end_from_records(tmp_path, model, knob):
     """A sweep table and its records -> REPORT.md with the choice, the half-B confirmation, the recorded build
-    command and the screening section; chosen.yaml rebuilds the chosen recipe."""
-    grid = load_grid(write_grid(tmp_path, screen={"builder_optimization_level": 1}), REPO)
-    layout = Layout("yolo11n", tmp_path, tmp_path / "runs")
+    command and the screening section; chosen.yaml rebuilds the chosen recipe, and the commands run it on its size
+    (make's MODEL= is yolo11n unless given)."""
+    grid = load_grid(write_grid(tmp_path, screen={"builder_optimization_level": 1}, model=model), REPO)
+    layout = Layout(model, tmp_path, tmp_path / "runs")
     recipes = {r.name: r for r in expand(grid)}
     cfg = {"fp16": (1.0, 0.370), "int8-qdq": (0.8, 0.368), "qdq-max-n400-x-default": (0.75, 0.35)}
     records = []
@@ -253,8 +255,9 @@ def test_report_end_to_end_from_records(tmp_path):
     text = write_report(layout, 0.5).read_text()
     assert "**Chosen (latency, profile `b1`): `int8-qdq`**" in text and "half B, which confirms it" in text
     assert "`trtexec --onnx=models/yolo11/yolo11n.onnx --saveEngine=engines/x.engine --builderOptimizationLevel=3`" in text
+    assert f"make quantize RECIPE=recipes/{model}/chosen.yaml{knob} CALIB_DIR=" in text
     assert "## Screening at level 1 against level 3" in text and "| b1 | 1 | 3 | 1.00 |" in text
-    assert load(layout.out / "chosen.yaml").name == "int8-qdq"
+    assert load(layout.out / "chosen.yaml", model).name == "int8-qdq"
     assert (layout.out / "pareto_latency.png").stat().st_size > 10_000
     rebuild_table(grid, layout, setup(tmp_path))  # the table again from the records alone
     assert len(json.loads((layout.out / "sweep.json").read_text())["rows"]) == len(records)

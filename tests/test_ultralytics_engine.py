@@ -24,7 +24,7 @@ from tools.core.recipe import load, to_dict
 from tools.ultralytics_engine import engine_bytes, from_records, metadata, read, write
 
 PAYLOAD = b"ftrt" + bytes(range(256)) * 64  # stands for a serialized engine: TensorRT plans open with a 4-letter tag
-RECIPE = REPO / "recipes/yolo11n/int8-qdq.yaml"
+RECIPE = REPO / "recipes/int8-qdq.yaml"
 
 
 def names_of(onnx_path):
@@ -306,11 +306,11 @@ def test_make_ultralytics_writes_the_copy_beside_the_recorded_engine(tmp_path):
     with pytest.raises(UserError, match=r"no engine of recipe 'int8-qdq' \[b1\].*make engine RECIPE="):
         from_records(RECIPE, results, ["b1"], root)
     with pytest.raises(UserError, match=r"int8-dfl-mse-e2e.yaml: an end-to-end recipe.*int8-dfl-mse.yaml"):
-        from_records(REPO / "recipes/yolo11n/int8-dfl-mse-e2e.yaml", results, ["b1"], root)
+        from_records(REPO / "recipes/int8-dfl-mse-e2e.yaml", results, ["b1"], root)
 
 
 def test_make_ultralytics_passes_its_knobs():
     res = subprocess.run(["make", "-s", "-n", f"PY={sys.executable}", "ultralytics", f"RECIPE={RECIPE}",
                           "PROFILES=b32", "RESULTS=out"], cwd=REPO, capture_output=True, text=True)
-    assert f"-m tools.ultralytics_engine --recipe {RECIPE}" in res.stdout, res.stderr
+    assert f"-m tools.ultralytics_engine --model yolo11n --recipe {RECIPE}" in res.stdout, res.stderr
     assert '--results "out"' in res.stdout and "--profiles b32" in res.stdout

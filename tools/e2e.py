@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from polygraphy import cuda
 
-from tools.core.cli import positive_int, positive_number
+from tools.core.cli import add_model, positive_int, positive_number
 from tools.core.errors import UserError, import_tensorrt, run_main
 from tools.core.files import list_images, write_json
 from tools.core.recipe import load
@@ -434,6 +434,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="recipes whose engines to time (FP16 and INT8, raw and end to end)")
+    add_model(ap)
     add_setup_args(ap)
     ap.add_argument("--streams", type=positive_int, default=2, help="threads/streams of the whole loop (default 2)")
     ap.add_argument("--frames", type=positive_int, default=64, help="decoded frames to cycle through (default 64)")
@@ -442,7 +443,7 @@ def main(argv=None):
     ap.add_argument("--max-det", type=positive_int, default=Thresholds.max_det, help="CPU NMS boxes per image")
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    recipes = [load(p) for p in args.recipes]
+    recipes = [load(p, args.model) for p in args.recipes]
     result = measure(recipes, setup, args.frames, args.streams, args.warmup_ms / 1e3, args.duration,
                      Thresholds(args.conf, args.iou, args.max_det))
     for path in write(result, setup.layout(recipes[0].model)):

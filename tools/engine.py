@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from tools.core.cli import add_trt, add_trtexec, default_trtexec, detect_version
+from tools.core.cli import add_model, add_trt, add_trtexec, default_trtexec, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, run_logged
 from tools.core.recipe import Profile, Recipe, load
@@ -117,6 +117,7 @@ def build(recipe: Recipe, profile: str, p: Plan, trtexec: list[str], onnx_path, 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.engine", description=__doc__)
     ap.add_argument("recipe")
+    add_model(ap)
     ap.add_argument("--onnx", required=True, help="the ONNX to build (the quantized one for int8-qdq)")
     ap.add_argument("-o", "--engine", required=True)
     ap.add_argument("--log", required=True)
@@ -127,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--calib-cache")
     ap.add_argument("--print-only", action="store_true", help="print the trtexec command and exit")
     args = ap.parse_args(argv)
-    recipe = load(args.recipe)
+    recipe = load(args.recipe, args.model)
     profile = args.profile or next(iter(recipe.profiles))
     if profile not in recipe.profiles:
         raise UserError(f"{args.recipe}: has no profile {profile!r}; its profiles are {', '.join(recipe.profiles)}")

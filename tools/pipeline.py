@@ -28,6 +28,7 @@ import numpy as np
 from tools.bench import bench, time_layers
 from tools.calib import build_calibration, check_disjoint, select_images
 from tools.compare import compare
+from tools.core.cli import add_model
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, digest, eval_set, file_digest, list_images, run_logged
 from tools.core.recipe import Recipe, load, to_dict
@@ -498,6 +499,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stages", help="comma-separated stages, or all / cpu / gpu")
     ap.add_argument("recipes", nargs="+")
+    add_model(ap)
     add_setup_args(ap)
     args = ap.parse_args(argv)
     stages = parse_stages(args.stages)
@@ -508,7 +510,7 @@ def main(argv=None):
         stages = tuple(s for s in stages if not STAGES[s].gpu)
         if not stages:
             return
-    recipes = [load(path) for path in args.recipes]  # every recipe checked before any work
+    recipes = [load(path, args.model) for path in args.recipes]  # every recipe checked before any work
     check_names(recipes, args.recipes)
     failed = []
     for recipe in recipes:  # like make -k: one recipe's failure does not stop the others

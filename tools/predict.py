@@ -1,15 +1,15 @@
 """Detections of images or a video with a recipe's model: annotated copies (boxes, class names, scores) and a JSON.
 
-SOURCE is an image, a folder of images or a video. The model: --model (an engine, or an ONNX for ONNX Runtime), else
-the recipe's engine of its first deployment profile where TensorRT and a GPU are, else (a CPU machine) the recipe's
-ONNX in ONNX Runtime: its quantized model where `make quantize` made it, else the FP32 model. Preprocessing and
-decoding are the evaluator's (tools/evaluate.py): an end-to-end engine gets uint8 pixels and its NMS runs inside
-(its IoU fixed when it was built; --conf and --max-det filter what it returns).
+SOURCE is an image, a folder of images or a video; RECIPE runs on --model's size (make MODEL=). What runs: --model-file
+(an engine, or an ONNX for ONNX Runtime), else the recipe's engine of its first deployment profile where TensorRT and
+a GPU are, else (a CPU machine) the recipe's ONNX in ONNX Runtime: its quantized model where `make quantize` made it,
+else the FP32 model. Preprocessing and decoding are the evaluator's (tools/evaluate.py): an end-to-end engine gets
+uint8 pixels and its NMS runs inside (its IoU fixed when it was built; --conf and --max-det filter what it returns).
 Writes RESULTS/<model>/predict/<recipe>/: the annotated images under their own names (or <video>.mp4) and
 detections.json (per image or frame: boxes x1 y1 x2 y2 in original pixels, class id and name, score). Everything is
 written into a temporary folder that replaces the old one only when the run succeeds; a bad input (a file that is
 not an image, a video that cannot be opened, a folder without images) is one line, and nothing is written.
-Usage: python -m tools.predict SOURCE RECIPE [--model FILE] [--conf 0.25] [--iou 0.7]
+Usage: python -m tools.predict SOURCE RECIPE [--model yolo11s] [--model-file FILE] [--conf 0.25] [--iou 0.7]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import onnx
 
-from tools.core.cli import add_calib_dir, add_calib_images, add_level, add_results, add_trt, positive_int
+from tools.core.cli import add_calib_dir, add_calib_images, add_level, add_model, add_results, add_trt, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import IMAGE_SUFFIXES, REPO, atomic_dir, list_images, write_json
 from tools.core.recipe import load
@@ -234,8 +234,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="an image, a folder of images or a video")
-    ap.add_argument("recipe", help="recipes/<model>/<name>.yaml")
-    ap.add_argument("--model", help="an engine or ONNX to run instead of the recipe's own")
+    ap.add_argument("recipe", help="recipes/<name>.yaml")
+    add_model(ap)
+    ap.add_argument("--model-file", help="an engine or ONNX to run instead of the recipe's own (make MODEL_FILE=)")
     ap.add_argument("--profile", help="the recipe's deployment profile whose engine runs (default: its first)")
     ap.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25, ultralytics predict's)")
     ap.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
@@ -248,11 +249,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not 0 <= args.conf < 1 or not 0 < args.iou <= 1:
         raise UserError(f"--conf {args.conf} / --iou {args.iou}: need 0 <= conf < 1 and 0 < iou <= 1 (CONF=, IOU=)")
-    recipe = load(args.recipe)
+    recipe = load(args.recipe, args.model)
     setup = Setup(calib_dir=Path(args.calib_dir), eval_dir=REPO / "data" / "coco-mini",
                   results=Path(args.results).resolve(), level=args.level, trt_version=args.trt,
                   calib_images=args.calib_images)
-    run(args.source, recipe, setup, args.model, args.profile, args.conf, args.iou, args.max_det)
+    run(args.source, recipe, setup, args.model_file, args.profile, args.conf, args.iou, args.max_det)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ With --recipes, the newest record of each recipe that holds its per-layer timing
 tools/bench.py's time_layers) for each deployment profile, into <results>/<model>/profile/<profile>-L<level>/;
 with --layers/--profile, trtexec's exports given by hand. The tables, summary and plot are tools/yolo/layers.py's.
 
-Usage: python -m tools.profile --recipes recipes/yolo11n/fp16.yaml recipes/yolo11n/int8-qdq.yaml [--results DIR]
+Usage: python -m tools.profile --recipes recipes/fp16.yaml recipes/int8-qdq.yaml [--model yolo11n] [--results DIR]
        python -m tools.profile --layers A.layers.json --profile A.profile.json [--layers B... --profile B...]
          --labels fp16,int8-qdq -o OUTDIR          (.json.gz files are read as well)
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.core.cli import add_profiles, add_results
+from tools.core.cli import add_model, add_profiles, add_results
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO
 from tools.core.layout import Layout
@@ -22,10 +22,11 @@ from tools.core.record import bench_row, engine_id, newest_per, read_records
 from tools.yolo.layers import write_tables
 
 
-def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12) -> dict:
-    """`make profile`: for each deployment profile, the recipes' engines side by side, read from the newest record of
-    each recipe that holds a per-layer profile (the pipeline's `layers` stage), into <results>/<model>/profile/."""
-    recipes = [load_recipe(p) for p in recipe_paths]
+def from_records(recipe_paths, results, overwrite: bool = False, profiles=None, top: int = 12, model=None) -> dict:
+    """`make profile`: for each deployment profile, the recipes' engines side by side (on `model`, as
+    tools/core/recipe.py's load takes it), read from the newest record of each recipe that holds a per-layer profile
+    (the pipeline's `layers` stage), into <results>/<model>/profile/."""
+    recipes = [load_recipe(p, model) for p in recipe_paths]
     layout = Layout(recipes[0].model, REPO, Path(results).resolve(), overwrite)
     found = newest_per((r for r in read_records(layout.points) if "layers" in r), engine_id)
     written = {}
@@ -53,6 +54,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", help="compare these recipes' profiled engines (from the run's records)")
+    add_model(ap)
     add_results(ap)  # with --recipes
     add_profiles(ap)  # with --recipes
     ap.add_argument("--layers", action="append", help="trtexec --exportLayerInfo JSON (repeat)")
@@ -64,7 +66,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.recipes:
         written = from_records(args.recipes, args.results, args.overwrite,
-                               args.profiles.split(",") if args.profiles else None, args.top)
+                               args.profiles.split(",") if args.profiles else None, args.top, args.model)
         for paths in written.values():
             for p in paths.values():
                 print(f"wrote {p}")

@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from tools.calib import build_calibration, check_calibration, select_images
-from tools.core.cli import add_calib_dir, add_eval_dir, add_trt, detect_version
+from tools.core.cli import add_calib_dir, add_eval_dir, add_model, add_trt, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, digest, file_digest, list_images, write_json, write_text
 from tools.core.layout import Layout
@@ -303,11 +303,12 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.quantize", description=__doc__)
     ap.add_argument("recipe")
+    add_model(ap)
     add_calib_dir(ap)
     add_eval_dir(ap)
     add_trt(ap)
     args = ap.parse_args(argv)
-    print(quantize(load(args.recipe), args.trt or detect_version(), args.calib_dir, args.eval_dir))
+    print(quantize(load(args.recipe, args.model), args.trt or detect_version(), args.calib_dir, args.eval_dir))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def select(table: Table, budget: float) -> dict:
     lat, thr = table.latency(), table.throughput()
     if "fp16" not in lat or "fp16" not in thr:
         raise UserError(f"the sweep has no fp16 engine at level {table.final} in both profiles: include "
-                        f"recipes/<model>/fp16.yaml in the grid's references")
+                        f"recipes/fp16.yaml in the grid's references")
     int8 = lambda at: [c for c, r in at.items() if r["precision"] in ("int8-qdq", "int8-implicit")]  # noqa: E731
     within = lambda at: [c for c in int8(at)  # noqa: E731
                          if selection_map(at[c]) >= selection_map(at["fp16"]) - budget / 100]
@@ -213,13 +213,16 @@ def deploy_section(layout: Layout, rec: PointRecord) -> list[str]:
         lines.append(f"- Quantization: ModelOpt `{q['command']}`, its scales from the calibration cache "
                      f"`{q['calibration_cache']}` ({r['calibration_method']} on {r['calib_images']} images, seed "
                      f"{r['calib_seed']}); {q['nodes']['quantized_nodes']} nodes INT8.")
+    # chosen.yaml names its model, so it is a recipe of that size alone: it goes beside the size's name, and make
+    # runs it on that size (MODEL=, which is yolo11n unless given)
+    size = "" if model == "yolo11n" else f" MODEL={model}"
     return ["## Reproduce and deploy", "", *lines, "",
             "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
             f"cp {layout.out.relative_to(layout.root) if layout.out.is_relative_to(layout.root) else layout.out}"
             f"/chosen.yaml recipes/{model}/chosen.yaml",
-            *([f"make quantize RECIPE=recipes/{model}/chosen.yaml CALIB_DIR=path/to/calib/images"]
+            *([f"make quantize RECIPE=recipes/{model}/chosen.yaml{size} CALIB_DIR=path/to/calib/images"]
               if rec["precision"] == "int8-qdq" else []),
-            f"make bench accuracy RECIPE=recipes/{model}/chosen.yaml EVAL_DIR=path/to/coco/val",
+            f"make bench accuracy RECIPE=recipes/{model}/chosen.yaml{size} EVAL_DIR=path/to/coco/val",
             "```", "",
             "- Another GPU or TensorRT: engines are tied to both; keep the quantized ONNX (it is portable) and rerun "
             "`make engine bench` there. Record keys include the GPU name and TensorRT version, so nothing is reused "

@@ -15,7 +15,7 @@ the INT8 one, or for a layer the same from the engines' per-layer CSVs beside th
 time shared among the nodes it fuses). The reformats at a group's new borders are not in it, so the estimate is
 optimistic. Groups are then taken by agreement gained per millisecond (those that cost nothing first), and one that
 would take the total over `--ms-budget` is skipped.
-Usage: python -m tools.sensitivity recipes/yolo11n/int8-qdq.yaml --calib-dir DIR [--images 48] [--target 0.95]
+Usage: python -m tools.sensitivity recipes/int8-qdq.yaml [--model yolo11n] --calib-dir DIR [--images 48] [--target 0.95]
        [--unit layer --max-groups 8] [--profile results/yolo11n/profile/b32-L3/by-block.csv --ms-budget 0.05]
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from faster_coco_eval import COCO
 from tqdm import tqdm
 
 from tools.calib import select_images
-from tools.core.cli import add_data, add_results, add_trt, detect_version, non_negative_number, positive_int, \
-    positive_number
+from tools.core.cli import add_data, add_model, add_results, add_trt, detect_version, non_negative_number, \
+    positive_int, positive_number
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, list_images
 from tools.core.layout import Layout
@@ -117,7 +117,7 @@ def layer_costs(csv_path, recipe: str, nodes) -> dict[str, float]:
         path = folder / f"{engine}.layers.csv"
         if not path.is_file():
             raise UserError(f"{path}: no per-layer table of {engine} beside {Path(csv_path).name}; run `make profile "
-                            f"RECIPE=recipes/<model>/{recipe}.yaml` (it writes both engines' tables)")
+                            f"RECIPE=recipes/{recipe}.yaml` (it writes both engines' tables)")
         out: dict[str, float] = defaultdict(float)
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
@@ -193,13 +193,13 @@ class Proxy:
 
 def analyse(recipe_path, calib_dir, eval_dir=None, images=48, target=0.95, max_groups=4, trt=None, log=print,
             previous: dict | None = None, calib_images: int | None = None, profile=None,
-            ms_budget: float | None = None, unit: str = "block") -> dict:
-    """`unit`: `block` or `layer`, what one group is.
+            ms_budget: float | None = None, unit: str = "block", model: str | None = None) -> dict:
+    """`unit`: `block` or `layer`, what one group is; `model`: the size the recipe runs on (tools/core/recipe.py load).
     `previous`: an earlier result; its per-group gains are reused when it measured the same model on the same
     images with the same unit (changing only the target or the group budget costs a few evaluations, not a full pass).
     `calib_images` caps the recipe's calibration images (a small folder, as `make`'s CALIB_IMAGES does).
     `profile`: a by-block.csv of `make profile`; groups are then chosen by gain per millisecond within `ms_budget`."""
-    recipe = load(recipe_path)
+    recipe = load(recipe_path, model)
     costs = block_costs(profile, recipe.name) if profile else None  # a wrong profile fails before the long work
     if calib_images and recipe.calib_images > calib_images:
         recipe = recipe.replace(calib_images=calib_images)
@@ -274,6 +274,7 @@ def markdown(res: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.sensitivity", description=__doc__)
     ap.add_argument("recipe")
+    add_model(ap)
     add_data(ap)  # it measures on calibration images, never on evaluation images
     ap.add_argument("--images", type=positive_int, default=48, help="calibration images to measure agreement on")
     ap.add_argument("--target", type=positive_number, default=0.95, help="agreement (mAP50-95 vs FP32) to reach")
@@ -289,7 +290,7 @@ def main(argv=None):
     add_results(ap)
     ap.add_argument("-o", "--output", help="default: <results>/<model>/sensitivity[-layers].json (+ .md)")
     args = ap.parse_args(argv)
-    recipe = load(args.recipe)
+    recipe = load(args.recipe, args.model)
     plain_name = "sensitivity-layers.json" if args.unit == "layer" else "sensitivity.json"
     default = Layout(recipe.model, results=Path(args.results).resolve()).out / plain_name
     out = Path(args.output) if args.output else default
@@ -304,7 +305,7 @@ def main(argv=None):
     previous = read_json(earlier, "sensitivity result") if earlier else None
     res = analyse(args.recipe, args.calib_dir, args.eval_dir, args.images, args.target, args.max_groups, args.trt,
                   previous=previous, calib_images=args.calib_images, profile=args.profile, ms_budget=args.ms_budget,
-                  unit=args.unit)
+                  unit=args.unit, model=args.model)
     layout.write_json(out, res)
     layout.write_text(out.with_suffix(".md"), markdown(res))
     print(markdown(res))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tools.core.cli import add_model
 from tools.core.errors import run_main
 from tools.core.files import REPO, eval_set, to_csv
 from tools.core.layout import Layout
@@ -119,10 +120,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="the recipes of the run, in table order")
+    add_model(ap)
     add_setup_args(ap)  # the run's own flags: they decide which results are this run's
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    check_names(recipes := [load(p) for p in args.recipes], args.recipes)
+    check_names(recipes := [load(p, args.model) for p in args.recipes], args.recipes)
     ran = [setup.adapt(r) for r in recipes]
     layout = setup.layout(recipes[0].model)
     s = summarize(layout, [r.name for r in ran], setup.eval_dir, setup.eval_limit, is_random_weights(ran[0].onnx_path),

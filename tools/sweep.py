@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tools.core.cli import non_negative_number, positive_int
+from tools.core.cli import add_model, non_negative_number, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, digest, to_csv
 from tools.core.grid import Grid, Screen, expand, load_grid
@@ -148,7 +148,7 @@ class Runner:
         return path
 
     def launch(self, job: Job, gpu: str, recipe: Recipe, profile: str) -> None:
-        cmd = job_command(self.recipe_file(recipe), job.stage, profile, self.setup)
+        cmd = job_command(self.recipe_file(recipe), job.stage, profile, job_setup(self.grid, self.setup, recipe))
         log = self.layout.logs / "sweep" / f"{job.chain}.{job.stage}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1"}
@@ -226,6 +226,13 @@ def grid_setup(grid: Grid, setup: Setup) -> Setup:
     b = grid.bench
     return replace(setup, cuda_graphs=b.cuda_graphs, duration_s=b.duration_s, warmup_ms=b.warmup_ms,
                    compare_images=b.compare_images)
+
+
+def job_setup(grid: Grid, setup: Setup, recipe: Recipe) -> Setup:
+    """The setup one point's jobs run under: the grid's, with the references' own comparison count where it has one."""
+    n = grid.bench.compare_references
+    return setup if n is None or recipe.name not in {r.name for r in grid.references} else \
+        replace(setup, compare_images=n)
 
 
 def run_sweep(grid: Grid, setup: Setup, stages, runner, stop_after=None, only=None, log=print):
@@ -320,10 +327,11 @@ def main(argv=None):
                                     "screened grid each shard takes its front from its own part of the screening")
     ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
                                      "profile (the `layers` stage of `make profile`), e.g. fp16,int8-qdq")
+    add_model(ap)
     add_setup_args(ap)
     args = ap.parse_args(argv)
     setup = setup_from_args(args)
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, model=args.model)
     if setup.level is not None and grid.screen is not None:
         raise UserError(f"{args.grid}: a screened grid builds at its screening level and then at the recipes' own; "
                         f"drop LEVEL= / --level, or the grid's screen: key")

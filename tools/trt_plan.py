@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from tools.core.cli import add_trt, detect_version
+from tools.core.cli import add_model, add_trt, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.recipe import Recipe, load
 
@@ -69,13 +69,14 @@ def plan(recipe: Recipe, version: str) -> Plan:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.trt_plan", description=__doc__)
     ap.add_argument("recipe", nargs="?", help="recipe YAML; without one, print the TensorRT version in use")
+    add_model(ap)
     add_trt(ap)
     args = ap.parse_args(argv)
     version = args.trt or detect_version()
     if not args.recipe:
         print(version)
         return
-    p = plan(load(args.recipe), version)
+    p = plan(load(args.recipe, args.model), version)
     print(f"TensorRT {version}: build {p.onnx_kind} ONNX with {' '.join(p.precision_flags)}")
     for n in p.notes:
         print(f"  note: {n}")

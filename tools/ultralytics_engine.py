@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from tools.core.cli import add_profiles, add_results, image_size, positive_int
+from tools.core.cli import add_model, add_profiles, add_results, image_size, positive_int
 from tools.core.errors import UserError, run_main
 from tools.core.files import REPO, atomic_path
 from tools.core.layout import Layout
@@ -140,10 +140,10 @@ def metadata(model_onnx, batch: int, dynamic: bool, imgsz: int | None = None, qu
     return {**meta, "batch": batch, "imgsz": size, "args": args, "end2end": False}
 
 
-def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
+def from_records(recipe_path, results, profiles=None, root=REPO, model=None) -> list[Path]:
     """`make ultralytics`: a drop-in copy of each of RECIPE's engines, from the newest record of each deployment
-    profile, beside the engine (in the checkout `root`)."""
-    recipe = load(recipe_path)
+    profile, beside the engine (in the checkout `root`); `model`: the size, as tools/core/recipe.py's load takes it."""
+    recipe = load(recipe_path, model)
     if recipe.deploy is not None:
         raise UserError(f"{recipe_path}: an end-to-end recipe (deploy: uint8 pixels in{', NMS inside' if recipe.deploy.nms else ''}); "
                         f"ultralytics feeds float32 NCHW and decodes the raw head itself: use the recipe without "
@@ -157,7 +157,7 @@ def from_records(recipe_path, results, profiles=None, root=REPO) -> list[Path]:
         rec = found.get((recipe.name, profile, recipe.builder_optimization_level))
         if rec is None:
             raise UserError(f"{layout.points}: no engine of recipe {recipe.name!r} [{profile}]; build it first "
-                            f"(make engine RECIPE={recipe_path})")
+                            f"(make engine RECIPE={recipe_path} MODEL={recipe.model})")
         ran, p = from_dict(rec["recipe"], str(recipe_path)), rec["profile"]  # the recipe as the run adapted it
         engine = layout.resolve(rec["build"]["engine"])
         # a profile starting above batch 1 would refuse ultralytics' single images: padded to its largest batch instead
@@ -179,11 +179,13 @@ def main(argv=None):
     ap.add_argument("--imgsz", type=image_size, help="with -o: the engine's image size (default: the export's)")
     ap.add_argument("--quantize", type=int, choices=(8, 16), help="with -o: 8 for an INT8 engine, 16 for FP16")
     ap.add_argument("--recipe", help="write the copies of this recipe's engines, read from the run's records")
+    add_model(ap)  # with --recipe
     add_profiles(ap)  # with --recipe
     add_results(ap, overwrite=False)  # with --recipe
     args = ap.parse_args(argv)
     if args.recipe:
-        outs = from_records(args.recipe, args.results, args.profiles.split(",") if args.profiles else None)
+        outs = from_records(args.recipe, args.results, args.profiles.split(",") if args.profiles else None,
+                            model=args.model)
     elif args.engine and args.out:
         if not (args.onnx and args.batch):
             raise UserError("with -o, give --onnx MODEL.onnx (the ultralytics export) and --batch N (the profile's "

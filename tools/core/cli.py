@@ -159,5 +159,11 @@ def add_level(ap: argparse.ArgumentParser) -> None:
                     help="build every recipe at this builder optimization level (0-5; default: each recipe's own)")
 
 
+def add_model(ap: argparse.ArgumentParser) -> None:
+    """--model, for verbs that take recipe files: a recipe file fits every size unless it names one (make's MODEL=)."""
+    ap.add_argument("--model", help="the model (models/yolo11/MODEL.onnx) of recipes that name none, as make's MODEL= "
+                                    "(default: the recipe's own `model:`, else yolo11n)")
+
+
 def add_profiles(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--profiles", help="comma-separated deployment profiles (default: each recipe's all)")

@@ -28,6 +28,9 @@ class Bench(BaseModel):
     duration_s: Annotated[float, Field(gt=0)] = 1.5
     warmup_ms: Annotated[StrictInt, Field(gt=0)] = 200
     compare_images: Annotated[StrictInt, Field(ge=0)] = 0
+    # images for the references' `polygraphy run` comparison, where set (default: compare_images, as every point):
+    # the yardsticks' records carry one; a comparison is in no key, so a finished reference gains it and keeps its key
+    compare_references: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class Screen(BaseModel):
@@ -48,7 +51,7 @@ class GridFile(BaseModel):
     axes: dict[str, list | dict] = {}
 
 
-GRID_HINTS = {"base": "a recipe path, e.g. recipes/yolo11n/int8-qdq.yaml", "references": "a YAML list of recipe paths",
+GRID_HINTS = {"base": "a recipe path, e.g. recipes/int8-qdq.yaml", "references": "a YAML list of recipe paths",
               "axes": "a mapping of recipe key -> list of values or {label: value}",
               "design": "one-at-a-time or product", "screen": "{builder_optimization_level: 1}"}
 
@@ -135,7 +138,9 @@ def proposal(path: Path, source: str):
     return found
 
 
-def load_grid(path, root: Path = REPO) -> Grid:
+def load_grid(path, root: Path = REPO, model: str | None = None) -> Grid:
+    """`model` (--model, make's MODEL= where set): the size of a grid that names none; a grid that names one refuses
+    another."""
     data = read_yaml(path, "grid; see recipes/grids/ for examples")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a grid is a YAML mapping (model, base, references, axes, ...)")
@@ -143,16 +148,20 @@ def load_grid(path, root: Path = REPO) -> Grid:
         g = GridFile.model_validate(data)
     except ValidationError as e:
         raise UserError(validation_message(str(path), e, GRID_HINTS, tuple(GridFile.model_fields))) from None
-    base = load(root / g.base)
+    if model is not None and g.model is not None and model != g.model:
+        raise UserError(f"{path}: is a grid for {g.model} (its `model:`), not {model}; drop MODEL= (--model) or run "
+                        f"the grid of {model} (GRID=recipes/grids/{model}.yaml where there is one)")
+    model = model or g.model  # the recipes are for every size: the grid's `model:` picks one
+    base = load(root / g.base, model)
     for key, values in g.axes.items():
         check_axis(key, values, base, g.axes if g.design == "product" else {}, str(path))
     if g.profiles is not None:
         base = base.replace(profiles=g.profiles)
-    refs = tuple(load(root / r) for r in g.references)
+    refs = tuple(load(root / r, model) for r in g.references)
     if g.profiles is not None:
         refs = tuple(r.replace(profiles=g.profiles) for r in refs)
     axes = {key: axis_values(key, values, root, str(path)) for key, values in g.axes.items()}
-    return Grid(str(path), g.model or base.model, base, g.design, refs, axes, g.bench, g.screen)
+    return Grid(str(path), base.model, base, g.design, refs, axes, g.bench, g.screen)
 
 
 def label_of(key: str, value, axis: dict, owner: str | None = None) -> str:

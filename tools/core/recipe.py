@@ -126,7 +126,8 @@ class Deploy(Frozen):
 class Recipe(Frozen):
     # --- identity (not hashed: the model's bytes are, see tools/core/files.py) -------------------------------------
     name: Annotated[StrictStr, Field(pattern=NAME)]
-    model: Annotated[StrictStr, Field(pattern=NAME)] = "yolo11n"  # models/yolo11/<model>.onnx unless `onnx` says
+    model: Annotated[StrictStr, Field(pattern=NAME)] = "yolo11n"  # models/yolo11/<model>.onnx unless `onnx` says;
+    # recipe files leave it to MODEL= (load() below) unless they fit one size only
     description: StrictStr = ""
     onnx: StrictStr | None = None
     notes: tuple[StrictStr, ...] = ()  # free-form provenance (e.g. what was changed to build on TensorRT 8.6)
@@ -324,8 +325,18 @@ def read_yaml(path, what: str):
         raise UserError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the syntax") from None
 
 
-def load(path) -> Recipe:
-    return from_dict(read_yaml(path, "recipe; see recipes/<model>/*.yaml for the ones that exist"), str(path))
+def load(path, model: str | None = None) -> Recipe:
+    """The recipe in `path` for `model` (make's MODEL=, a tool's --model, a grid's `model:`; None: the recipe's own,
+    else yolo11n). A recipe names a `model:` only where it fits that one size alone, and then refuses another."""
+    data = read_yaml(path, "recipe; see recipes/*.yaml for the ones that exist")
+    if model is not None and isinstance(data, dict):
+        own = data.get("model")
+        if own is None:
+            data = {**data, "model": model}
+        elif own != model:
+            raise UserError(f"{path}: is a recipe for {own} only (its `model:`); run it with MODEL={own} (--model "
+                            f"{own}), or remove its `model:` line if it fits every size")
+    return from_dict(data, str(path))
 
 
 def dump(r: Recipe) -> str:
