@@ -60,7 +60,7 @@ def calibration_name(recipe: Recipe, calib_dir, root: Path) -> Path:
     folders); cheap: only hashes the chosen files."""
     files = select_images(list_images(calib_dir), recipe.calib_images, recipe.calib_seed)
     set_digest = digest([file_digest(p) for p in files])
-    return Layout(recipe.model, root).calib / f"{recipe.imgsz}-n{recipe.calib_images}-s{recipe.calib_seed}-{set_digest}.npy"
+    return Layout(recipe.model, root).calib_tensor(recipe.imgsz, recipe.calib_images, recipe.calib_seed, set_digest)
 
 
 def calibration_npy(recipe: Recipe, calib_dir, eval_dir, root: Path) -> Path:
@@ -238,7 +238,7 @@ def unmatched_exclusions(onnx_path, patterns) -> list[str]:
 def quantized_path(recipe: Recipe, hp_dtype: str, root: Path, calib_digest: str) -> Path:
     key = digest({**recipe.settings("quantize"), "high_precision_dtype": hp_dtype, "calib": calib_digest,
                   "model": model_digest(recipe.onnx_path)})
-    return Layout(recipe.model, root).quant / f"{recipe.name}.{key}.onnx"
+    return Layout(recipe.model, root).quantized_onnx(recipe.name, key)
 
 
 def quantization_record(qdq_onnx) -> Path:

@@ -35,6 +35,15 @@ class Layout:
     def quant(self) -> Path:
         return self.root / "models" / self.model / "quant"
 
+    def calib_tensor(self, imgsz: int, images: int, seed: int, images_key: str) -> Path:
+        """A calibration tensor (.npy): `images` images drawn with `seed`, named by their content (`images_key`), so
+        two folders never collide."""
+        return self.calib / f"{imgsz}-n{images}-s{seed}-{images_key}.npy"
+
+    def quantized_onnx(self, recipe: str, key: str) -> Path:
+        """A recipe's Q/DQ model, named by `key` (its quantize settings, the calibration images and the model bytes)."""
+        return self.quant / f"{recipe}.{key}.onnx"
+
     def deploy_onnx(self, source, key: str) -> Path:
         """The end-to-end graph (tools/deploy_graph.py) of the ONNX `source`, named by `key` (source bytes and deploy
         settings)."""
