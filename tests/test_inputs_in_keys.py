@@ -105,13 +105,15 @@ def test_make_clean_removes_only_what_runs_wrote_for_the_model(tmp_path):
 def test_clean_keeps_committed_and_foreign_files_in_build_folders(tmp_path):
     layout = Layout("yolo11n", tmp_path, tmp_path / "runs")
     made = [layout.engines / "fp16.b1.k.engine", layout.logs / "sweep/x.engine.log", layout.calib / "640-n4-s0-d.npy",
-            layout.quant / "int8-qdq.k.onnx"]
+            layout.quant / "int8-qdq.k.onnx", layout.deploy_onnx("int8-qdq.k.onnx", "d"), layout.e2e("json"),
+            layout.predict("fp16") / "bus.jpg", layout.predict("fp16") / "detections.json"]
     mine = [layout.engines / "notes.txt", layout.calib / "my.jpg"]
     for path in made + mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     assert sorted(clean(layout)) == sorted(made)
     assert all(p.exists() for p in mine) and not layout.logs.exists() and not layout.quant.parent.exists()
+    assert not layout.out.exists()  # e2e tables and predictions were the run's: the results folder goes too
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -421,7 +421,7 @@ def measure(recipes, setup, frames_count: int = 64, streams: int = 2, warmup_s: 
 
 
 def write(result: dict, layout) -> list[Path]:
-    out = [layout.out / f"e2e.{ext}" for ext in ("json", "csv", "md")]
+    out = [layout.e2e(ext) for ext in ("json", "csv", "md")]
     for path in out:
         layout.guard(path)
     write_json(out[0], result)

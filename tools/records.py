@@ -57,13 +57,7 @@ def publish(run_root: Path, run_results: Path, dest: Layout) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Cleaning: what the tools write for a model, by folder (globs); anything else there is the user's and stays
-WRITTEN = {"calib": ("*.npy", "*.json", "*.npz", "*.cache", "*.full.onnx"), "quant": ("*.onnx", "*.json"),
-           "engines": ("*.engine", "*.cache"), "logs": ("**/*.log", "**/*.json", "**/*.csv"),
-           "out": ("points/*.json", "onnxrt/*.json", "sweep/recipes/*.yaml", "summary.json", "summary.csv",
-                   "summary.md", "sweep.json", "sweep.csv", "REPORT.md", "selection.json", "chosen.yaml",
-                   "pareto_*.png", "sensitivity*.json", "sensitivity*.md", "profile/*/*.csv", "profile/*/profile.md",
-                   "profile/*/profile.png", "logs/**/*")}
+# Cleaning: what the tools write for a model (Layout.written, by folder); anything else there is the user's and stays
 LEFT_BEHIND = "**/.*.tmp*"  # atomic_path's temporary files, where a killed process could not remove its own
 
 
@@ -71,8 +65,7 @@ def clean(layout: Layout) -> list[Path]:
     """Remove what runs wrote for `layout.model` (build products under `root`, results under `results`), never a
     file git tracks nor one the tools do not write; then the folders that this left empty. Returns the files."""
     removed = []
-    for folder, globs in WRITTEN.items():
-        top = getattr(layout, folder)
+    for top, globs in layout.written().items():
         if not top.is_dir():
             continue
         for path in sorted({p for g in (*globs, LEFT_BEHIND) for p in top.glob(g)}):

@@ -44,10 +44,14 @@ class Layout:
         """A recipe's Q/DQ model, named by `key` (its quantize settings, the calibration images and the model bytes)."""
         return self.quant / f"{recipe}.{key}.onnx"
 
+    @property
+    def deploy(self) -> Path:
+        return self.root / "models" / self.model / "deploy"
+
     def deploy_onnx(self, source, key: str) -> Path:
         """The end-to-end graph (tools/deploy_graph.py) of the ONNX `source`, named by `key` (source bytes and deploy
         settings)."""
-        return self.root / "models" / self.model / "deploy" / f"{Path(source).stem}.e2e-{key}.onnx"
+        return self.deploy / f"{Path(source).stem}.e2e-{key}.onnx"
 
     def predict(self, recipe: str) -> Path:
         """Where `make predict` writes one recipe's annotated images or video and their detections."""
@@ -123,6 +127,22 @@ class Layout:
     def summary(self, ext: str) -> Path:
         """summary.json / .csv / .md of `make all` (tools.summary)."""
         return self.out / f"summary.{ext}"
+
+    def e2e(self, ext: str) -> Path:
+        """e2e.json / .csv / .md of `make e2e` (tools.e2e)."""
+        return self.out / f"e2e.{ext}"
+
+    def written(self) -> dict[Path, tuple[str, ...]]:
+        """What the tools write for this model, as globs by folder (`make clean` removes these and nothing else):
+        every artifact named above, and the report's and sensitivity's own files (tools.report, tools.sensitivity)."""
+        return {self.calib: ("*.npy", "*.json", "*.npz", "*.cache", "*.full.onnx"), self.quant: ("*.onnx", "*.json"),
+                self.deploy: ("*.onnx", "*.json"), self.engines: ("*.engine", "*.cache"),
+                self.logs: ("**/*.log", "**/*.json", "**/*.csv"),
+                self.out: ("points/*.json", "onnxrt/*.json", "sweep/recipes/*.yaml", "summary.json", "summary.csv",
+                           "summary.md", "sweep.json", "sweep.csv", "e2e.json", "e2e.csv", "e2e.md", "REPORT.md",
+                           "selection.json", "chosen.yaml", "pareto_*.png", "sensitivity*.json", "sensitivity*.md",
+                           "profile/*/*.csv", "profile/*/profile.md", "profile/*/profile.png", "predict/**/*",
+                           "logs/**/*")}
 
     def layer_tables(self, profile: str, level: int) -> Path:
         """`make profile`'s per-layer tables of one deployment profile and builder level (folder names as published)."""
