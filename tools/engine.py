@@ -16,7 +16,7 @@ import onnx
 from tools.core.cli import add_model, add_trt, add_trtexec, default_trtexec, detect_version
 from tools.core.errors import UserError, run_main
 from tools.core.files import atomic_path, run_logged
-from tools.core.recipe import Profile, Recipe, load
+from tools.core.recipe import FLOAT_IO, Profile, Recipe, load
 from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 
@@ -69,7 +69,7 @@ def io_format_args(recipe: Recipe, p: Plan) -> list[str]:
         return []
     return [f"--{flag}={value}" for flag, value in (("inputIOFormats", recipe.input_io_format),
                                                    ("outputIOFormats", recipe.output_io_format))
-            if value != "fp32:chw"]
+            if value != FLOAT_IO]
 
 
 def build_args(recipe: Recipe, profile: str, p: Plan, onnx_path, engine_path, timing_cache=None, calib_cache=None,

@@ -379,8 +379,7 @@ def accuracy_run(point: Point) -> None:
     if setup.compare_images and "compare" not in rec and point.recipe.deploy is not None:
         # Polygraphy compares the raw head on float inputs; the mAP above is this engine's comparison
         rec["compare"] = {"skipped": "end-to-end engine (recipe key deploy): uint8 input and its own outputs"}
-    if setup.compare_images and "compare" not in rec and \
-            (point.recipe.input_io_format, point.recipe.output_io_format) != ("fp32:chw", "fp32:chw"):
+    if setup.compare_images and "compare" not in rec and not point.recipe.float_io:
         rec["compare"] = {"skipped": "engine I/O formats off fp32:chw: Polygraphy feeds and reads the ONNX's float32"}
     if setup.compare_images and "compare" not in rec:
         work = layout.logs / "compare"

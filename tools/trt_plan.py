@@ -38,7 +38,7 @@ def plan(recipe: Recipe, version: str) -> Plan:
         raise UserError(f"TensorRT {version}: too old (needs 8.6 or newer for --builderOptimizationLevel)")
     strongly_typed = major >= 11
     notes = []
-    if strongly_typed and (recipe.input_io_format, recipe.output_io_format) != ("fp32:chw", "fp32:chw"):
+    if strongly_typed and not recipe.float_io:
         notes.append("TensorRT 11 is strongly typed: input_io_format/output_io_format ignored, the ONNX's own I/O "
                      "types apply (float32 here)")
     if recipe.precision == "fp16":

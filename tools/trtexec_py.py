@@ -116,8 +116,8 @@ def apply_io_formats(trt, network, opts: dict, strongly_typed: bool) -> list[str
         for i in range(count):
             tensor = get(i)
             dtype_name, layouts = formats[0] if len(formats) == 1 else formats[i]
-            missing = [n for n in (dtype_name,) if not hasattr(trt.DataType, n)] + \
-                [n for n in layouts if not hasattr(trt.TensorFormat, n)]
+            missing = [n for enum, names in ((trt.DataType, (dtype_name,)), (trt.TensorFormat, layouts))
+                       for n in names if not hasattr(enum, n)]
             if missing:
                 raise UserError(f"trtexec_py: --{flag}: TensorRT {trt.__version__} has no {missing[0]}")
             dtype = getattr(trt.DataType, dtype_name)

@@ -28,6 +28,7 @@ QDQ, CALIBRATED = ("int8-qdq",), ("int8-qdq", "int8-implicit")
 # engine I/O formats the host can feed and read (trtexec --inputIOFormats/--outputIOFormats): linear NCHW in float32
 # or float16 (an INT8 input, e.g. int8:chw32, would need the host to quantize with the engine's input scale)
 IO_FORMATS = ("fp32:chw", "fp16:chw")
+FLOAT_IO = IO_FORMATS[0]  # the ONNX's own float32 I/O: no trtexec flag, and what Polygraphy feeds and reads
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # recipe and profile names become file names
 # the Q/DQ placement rewrites a recipe may name (`qdq_rewrites`); tools/yolo/qdq_rules.py implements each
 REWRITES = ("concat",)
@@ -167,8 +168,8 @@ class Recipe(Frozen):
     # the engine's input and output tensors' type and layout (trtexec --inputIOFormats / --outputIOFormats): fp16:chw
     # takes the reformat of `images` out of the engine (the host writes float16) or lets the head's decode end in
     # FP16 (not exact: box coordinates near 640 px keep 0.5 px); the runners read the engine's types and follow
-    input_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default="fp32:chw")
-    output_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default="fp32:chw")
+    input_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default=FLOAT_IO)
+    output_io_format: Literal[IO_FORMATS] = shaped("engine", omit_default=True, default=FLOAT_IO)
     # --- deployment profiles: one engine each (part of each engine's own key, see engine_settings) --------------
     profiles: dict[Annotated[StrictStr, Field(pattern=NAME)], Profile] = \
         Field(default_factory=lambda: {"b1": Profile(min=1, opt=1, max=1), "b32": Profile(min=32, opt=32, max=32)},
@@ -186,6 +187,11 @@ class Recipe(Frozen):
     @property
     def calibrated(self) -> bool:
         return self.precision in CALIBRATED
+
+    @property
+    def float_io(self) -> bool:
+        """The engine takes and returns the ONNX's float32 tensors (input_io_format, output_io_format at fp32:chw)."""
+        return self.input_io_format == self.output_io_format == FLOAT_IO
 
     @field_validator("deploy")
     @classmethod
@@ -209,7 +215,7 @@ class Recipe(Frozen):
     @classmethod
     def _io_format(cls, value, info):
         deploy = info.data.get("deploy")
-        if value != "fp32:chw" and deploy is not None and (info.field_name == "input_io_format" or deploy.nms):
+        if value != FLOAT_IO and deploy is not None and (info.field_name == "input_io_format" or deploy.nms):
             raise ValueError(f"an end-to-end engine (deploy) has its own {info.field_name.split('_')[0]} types "
                              f"(uint8 pixels in, NMS outputs out); leave {info.field_name} at fp32:chw")
         return value
