@@ -43,7 +43,7 @@ from tools.quantize import calibration_name, modelopt_scratch, quantization_reco
 from tools.trt_plan import Plan, plan
 from tools.trtexec_py import AVG_TIMING
 from tools.trtlog import parse_file
-from tools.yolo.graph_rewrites import write_rewritten
+from tools.yolo.graph_rewrites import rewritten
 
 COLLAPSE = 0.5  # a quantized model scoring under half the FP32 model's mAP has collapsed: an error, not a result
 
@@ -219,8 +219,8 @@ def make_onnx(point: Point) -> None:
     """Make what `point.engine_onnx` names where it is missing, before any stage reads it (or hashes it into a key):
     the Q/DQ model (the quantize stage), ModelOpt AutoCast's FP16 model (TensorRT 11), then the end-to-end graph
     (recipe key `deploy`); an FP16 recipe's graph rewrites first, since AutoCast's model is named by their bytes."""
-    if point.plan.onnx_kind != "qdq" and point.recipe.graph_rewrites:
-        write_rewritten(point.model_onnx, point.fp32_onnx, point.recipe.graph_rewrites, point.layout.rel)
+    if point.plan.onnx_kind != "qdq":
+        rewritten(point.layout, point.model_onnx, point.recipe.graph_rewrites)
     if point.plan.onnx_kind == "qdq" and not quantize_done(point):
         quantize_run(point)
     if point.plan.onnx_kind == "autocast-fp16" and not point.onnx.is_file():

@@ -40,7 +40,7 @@ from tools.engine import onnx_nodes, run_logged
 from tools.trt_plan import plan
 from tools.yolo.calibrators import HISTOGRAM_METHODS, collect, fixed_amax, histogram_scales, load_histograms, \
     save_histograms, scale_groups
-from tools.yolo.graph_rewrites import write_rewritten
+from tools.yolo.graph_rewrites import rewritten
 from tools.yolo.qdq_fp16 import clamp_weight_scales
 from tools.yolo.qdq_rules import apply
 
@@ -217,13 +217,13 @@ def finish_qdq_model(qdq_onnx, hp_dtype: str, rewrites=()) -> tuple[list[dict], 
     FP16's smallest normal (tools/yolo/qdq_fp16.py). Returns the scales raised, {rewrite: nodes it changed} and the
     finished model's node_counts."""
     model = onnx.load(str(qdq_onnx))
-    rewritten = apply(model, rewrites)
+    rewritten_nodes = apply(model, rewrites)
     infos = sorted(model.graph.value_info, key=lambda v: v.name)
     del model.graph.value_info[:]
     model.graph.value_info.extend(infos)
     raised = clamp_weight_scales(model) if hp_dtype == "fp16" else []
     onnx.save(model, str(qdq_onnx))
-    return raised, rewritten, node_counts(model)
+    return raised, rewritten_nodes, node_counts(model)
 
 
 def unmatched_exclusions(onnx_path, patterns) -> list[str]:
@@ -261,8 +261,7 @@ def quantize(recipe: Recipe, trt_version: str, calib_dir, eval_dir=None, root: P
     # the recipe's graph rewrites come first: ModelOpt calibrates and quantizes the rewritten model, whose own
     # calibration cache (keyed by its bytes) holds the scales of its tensors
     layout = Layout(recipe.model, root)
-    source = write_rewritten(recipe.onnx_path, layout.rewritten_onnx(recipe.onnx_path, recipe.graph_rewrites),
-                             recipe.graph_rewrites, layout.rel) if recipe.graph_rewrites else recipe.onnx_path
+    source = rewritten(layout, recipe.onnx_path, recipe.graph_rewrites)
     work = recipe if source == recipe.onnx_path else recipe.replace(onnx=str(source))
     for warning in unmatched_exclusions(source, recipe.nodes_to_exclude):
         print(f"warning: recipe {recipe.name!r}: {warning}")

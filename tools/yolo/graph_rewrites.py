@@ -33,6 +33,7 @@ from onnx import helper, numpy_helper
 
 from tools.core.errors import UserError
 from tools.core.files import atomic_path, file_digest, write_json
+from tools.core.layout import Layout
 from tools.core.recipe import GRAPH_REWRITES
 from tools.yolo.graph import head_block, load
 
@@ -254,18 +255,18 @@ def apply(model, rewrites, source: str = "model") -> dict[str, list[str]]:
     return changed
 
 
-def write_rewritten(source, out, rewrites, rel=str) -> Path:
-    """Make `out` (tools.core.layout's rewritten_onnx) from `source` with `rewrites` applied where it is missing, with
-    a JSON beside it saying what changed; `rel` names paths in that JSON."""
-    source, out = Path(source), Path(out)
-    if out.is_file():
+def rewritten(layout: Layout, source, rewrites) -> Path:
+    """`source` with `rewrites` applied, made where missing under the name Layout.rewritten_onnx gives it, with a JSON
+    beside it saying what changed; `source` itself where there are none."""
+    source, out = Path(source), layout.rewritten_onnx(source, rewrites)
+    if not rewrites or out.is_file():
         return out
     model = load(source)
     before = len(model.graph.node)
     changed = apply(model, list(rewrites), str(source))
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
-    write_json(out.with_suffix(".json"), {"source": rel(source), "source_sha256": file_digest(source),
+    write_json(out.with_suffix(".json"), {"source": layout.rel(source), "source_sha256": file_digest(source),
                                           "graph_rewrites": list(rewrites), "removed": changed,
                                           "nodes": {"before": before, "after": len(model.graph.node)}})
     return out
