@@ -21,7 +21,7 @@ from tools.engine import build_args
 from tools.yolo.graph_rewrites import apply, split_conv
 from tools.yolo.preprocess import preprocess, to_input
 from tools.trt_plan import plan
-from tools.trtexec_py import apply_io_formats, parse_flags, parse_io_formats
+from tools.trtexec_py import apply_io_formats, buffer_shape, parse_flags, parse_io_formats
 
 INT8 = REPO / "recipes/int8-dfl-mse.yaml"
 FP16 = REPO / "recipes/fp16.yaml"
@@ -222,6 +222,17 @@ def test_fallback_sets_the_network_io_types_and_formats():
         apply_io_formats(trt, _network()[0], {"inputIOFormats": "fp16:chw,fp16:chw"}, False)
     with pytest.raises(UserError, match="has no CDHW32"):
         apply_io_formats(trt, _network()[0], {"inputIOFormats": "fp16:cdhw32"}, False)
+
+
+def test_fallback_pads_a_vectorized_buffer_to_whole_vectors():
+    """A CHW32 INT8 input of 3 channels holds 32 per pixel, as trtexec allocates it; a linear one its own shape,
+    asking the engine nothing beyond its format."""
+    linear = SimpleNamespace(get_tensor_format=lambda name: TRT_STUB.TensorFormat.LINEAR)
+    assert buffer_shape(TRT_STUB, linear, "images", (2, 3, 640, 640)) == (2, 3, 640, 640)
+    chw32 = SimpleNamespace(get_tensor_format=lambda name: TRT_STUB.TensorFormat.CHW32,
+                            get_tensor_vectorized_dim=lambda name: 1, get_tensor_components_per_element=lambda n: 32)
+    assert buffer_shape(TRT_STUB, chw32, "images", (2, 3, 640, 640)) == (2, 32, 640, 640)
+    assert buffer_shape(TRT_STUB, chw32, "images", (1, 33, 20, 20)) == (1, 64, 20, 20)
 
 
 def test_host_feeds_float16_where_the_engine_takes_it():

@@ -132,9 +132,11 @@ def apply_io_formats(trt, network, opts: dict, strongly_typed: bool) -> list[str
     return lines
 
 
-def buffer_shape(engine, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def buffer_shape(trt, engine, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The elements a tensor's buffer holds: its shape, with a vectorized format's (e.g. CHW32) vectorized dim
     padded to whole vectors, as trtexec allocates it."""
+    if engine.get_tensor_format(name) == trt.TensorFormat.LINEAR:  # ask the devkit's 8.6.0 libraries no more than
+        return shape  # Polygraphy does (see ../shared/devkit: some 8.6.1 calls are missing there)
     dim = engine.get_tensor_vectorized_dim(name)
     per = engine.get_tensor_components_per_element(name)
     if dim < 0 or per <= 1:
@@ -295,7 +297,7 @@ class Fallback:
             context.set_input_shape(name, shape)
         buffers, hosts = {}, {}
         for name in names:
-            shape = buffer_shape(engine, name, tuple(context.get_tensor_shape(name)))
+            shape = buffer_shape(trt, engine, name, tuple(context.get_tensor_shape(name)))
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             buffers[name] = cuda.DeviceArray(shape=shape, dtype=dtype)
             hosts[name] = random_input(shape, dtype) if name in inputs else np.empty(shape, dtype)
