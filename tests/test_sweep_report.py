@@ -328,3 +328,18 @@ def test_every_committed_grid_expands_and_the_layer_proposal_names_single_nodes(
     names = [n.name for n in onnx.load(str(REPO / "models/yolo11/yolo11n.onnx")).graph.node]
     added = proposal["nodes_to_exclude"][len(points["int8-dfl-mse"].nodes_to_exclude):]
     assert added and all(sum(bool(re.match(rx, n)) for n in names) == 1 for rx in added)
+
+
+def test_report_shows_the_committed_end_to_end_table_and_predictions(tmp_path):
+    from tools.core.layout import Layout
+    from tools.report import end_to_end_section
+
+    layout = Layout("yolo11n", tmp_path, tmp_path / "results", False)
+    assert end_to_end_section(layout) == []  # no make e2e run: no section
+    layout.out.mkdir(parents=True)
+    layout.e2e("md").write_text("# End to end: yolo11n\n\n| engine | total |\n|---|---|\n| fp16 | 7.9 |\n")
+    (layout.out / "predict" / "fp16").mkdir(parents=True)
+    (layout.out / "predict" / "fp16" / "a.jpg").write_bytes(b"")
+    md = "\n".join(end_to_end_section(layout))
+    assert "| fp16 | 7.9 |" in md and "# End to end: yolo11n" not in md
+    assert "![fp16 a](predict/fp16/a.jpg)" in md

@@ -286,6 +286,19 @@ def sizes_section(layout: Layout) -> list[str]:
     return [markdown(rows, [], "int8-qdq", "## INT8 over FP16 by model size (`make sizes`)")]
 
 
+def end_to_end_section(layout) -> list[str]:
+    """`make e2e`'s table (its own run, FP16 beside INT8), where one was committed, and the annotated predictions."""
+    e2e = layout.e2e("md")
+    if not e2e.is_file():
+        return []
+    body = e2e.read_text().split("\n", 1)[1].strip()  # its title becomes this section's
+    shown = sorted(layout.out.glob("predict/*/*.jpg"))
+    pictures = [f"![{p.parent.name} {p.stem}]({p.relative_to(layout.out)})" for p in shown]
+    return ["## End to end (`make e2e`, `make predict`)", "", body, "",
+            "Where the host's CPU stages dominate, whole-loop ratios drift between runs of the same engines: the "
+            "README's \"Deploy: end to end\" says how far on the machine above.", "", *([" ".join(pictures), ""] if pictures else [])]
+
+
 def unmeasured_references(sweep: dict, table: Table) -> str:
     """' Not measured at level L: ...' for the grid's references the run ended before measuring at the final level."""
     try:
@@ -344,6 +357,7 @@ def write_report(layout: Layout, budget: float) -> Path:
     md += profile_section(layout, table)
     md += screening_section(table, sweep.get("screen_level"))
     md += sizes_section(layout)
+    md += end_to_end_section(layout)
     md += ["## Plots", "", "![latency](pareto_latency.png) ![throughput](pareto_throughput.png)", ""]
     for lvl in reversed(table.levels):
         for profile, batch in ((table.latency_profile, table.small), (table.throughput_profile, table.large)):
