@@ -256,6 +256,7 @@ def test_report_end_to_end_from_records(tmp_path, model, knob):
     assert "**Chosen (latency, profile `b1`): `int8-qdq`**" in text and "half B, which confirms it" in text
     assert "`trtexec --onnx=models/yolo11/yolo11n.onnx --saveEngine=engines/x.engine --builderOptimizationLevel=3`" in text
     assert f"make quantize RECIPE=recipes/{model}/chosen.yaml{knob} CALIB_DIR=" in text
+    assert f"mkdir -p recipes/{model}\ncp " in text  # cp into a folder a clean clone lacks would fail
     assert "## Screening at level 1 against level 3" in text and "| b1 | 1 | 3 | 1.00 |" in text
     assert load(layout.out / "chosen.yaml", model).name == "int8-qdq"
     assert (layout.out / "pareto_latency.png").stat().st_size > 10_000

@@ -218,6 +218,7 @@ def deploy_section(layout: Layout, rec: PointRecord) -> list[str]:
     size = "" if model == "yolo11n" else f" MODEL={model}"
     return ["## Reproduce and deploy", "", *lines, "",
             "Commands (on a machine with TensorRT and a GPU; the quantization runs on the CPU):", "", "```sh",
+            f"mkdir -p recipes/{model}",  # a clean clone has no such folder: recipes/*.yaml are the sizeless ones
             f"cp {layout.out.relative_to(layout.root) if layout.out.is_relative_to(layout.root) else layout.out}"
             f"/chosen.yaml recipes/{model}/chosen.yaml",
             *([f"make quantize RECIPE=recipes/{model}/chosen.yaml{size} CALIB_DIR=path/to/calib/images"]
