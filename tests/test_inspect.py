@@ -75,6 +75,25 @@ def test_an_engine_polygraphy_cannot_read_here_is_one_line_and_the_onnx_is_inspe
                                      "onnx", "--show", "layers"]]
 
 
+def test_an_engine_inspector_json_polygraphy_cannot_parse_is_one_line_and_the_onnx_is_inspected(tmp_path):
+    """What Polygraphy 0.53.6 printed on the H200 for an engine of TensorRT 8.6.1 (its last line, exit 1)."""
+    script = tmp_path / "polygraphy.py"
+    script.write_text("import sys\n"
+                      "if 'engine' in sys.argv:\n"
+                      "    print('json.decoder.JSONDecodeError: Invalid control character at: line 42 column 48')\n"
+                      "    sys.exit(1)\n" + FAKE + "\n")
+    engine = built(tmp_path)
+    res = inspect(tmp_path, f"{sys.executable} {script}", **with_tensorrt(tmp_path, "8.6.1"))
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    assert first.startswith(f"fp16 [b1]: engine {engine} not inspected: Polygraphy cannot parse its engine "
+                            f"inspector JSON (raw control characters, as TensorRT 8.6 writes them")
+    assert first.endswith("`make profile RECIPE=recipes/fp16.yaml MODEL=yolo11n` lists its layers and their precisions")
+    assert commands(res.stdout) == [["inspect", "model", str(REPO / "models/yolo11/yolo11n.onnx"), "--model-type",
+                                     "onnx", "--show", "layers"]]
+    assert "Invalid control character" in (REPO / "logs/yolo11n/inspect" / f"{engine.name}.txt").read_text()
+
+
 def test_no_engine_yet_names_the_target_that_builds_it_and_the_real_polygraphy_shows_the_onnx(tmp_path):
     res = inspect(tmp_path, f"{sys.executable} -m tools.polygraphy_cli")
     assert res.returncode == 0, res.stderr

@@ -96,6 +96,6 @@ def test_committed_records_recompute_their_keys_from_the_recipe_files():
             assert digest({"engine": rec["engine_key"], "eval": rec["eval"]["key"]}) == rec["key"]
             assert from_dict(rec["recipe"]).settings() == recipe.settings()
             checked.add((points.parent.name, str(points), rec["name"], rec["profile"]["name"]))
-    # every engine of the three published runs (on each size's own model), of the two deploy experiments and of the
-    # rewrites experiment
-    assert {m for m, *_ in checked} == {"yolo11n", "yolo11s", "yolo11m"} and len(checked) == 18 + 4 + 4 + 2 + 8 + 8
+    # every engine of the three published runs (on each size's own model), of the two deploy experiments, of the
+    # rewrites experiment (batch 32) and of the layers experiment (batch 1)
+    assert {m for m, *_ in checked} == {"yolo11n", "yolo11s", "yolo11m"} and len(checked) == 18 + 4 + 4 + 2 + 8 + 8 + 4

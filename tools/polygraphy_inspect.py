@@ -5,7 +5,8 @@ For each of the recipe's deployment profiles whose engine the run built (its new
 (every layer TensorRT kept, with its inputs' and outputs' shapes, formats and precisions, from the engine inspector;
 our engines are built with --profilingVerbosity=detailed, so nothing is left out). Polygraphy reads an engine through
 TensorRT itself, from 8.6.1 on. Where it cannot here (no TensorRT, an older one, no engine built yet), one line says why
-and the ONNX the engine is built from is inspected instead, which shows where the Q/DQ pairs sit:
+and the ONNX the engine is built from is inspected instead, which shows where the Q/DQ pairs sit (also where Polygraphy
+fails on the engine inspector's JSON, as it does on TensorRT 8.6.1's: `make profile` lists those layers instead):
   polygraphy inspect model MODEL.onnx --model-type onnx --show layers
 (the recipe's Q/DQ model; the FP32 model for fp16 and int8-implicit; AutoCast's FP16 model on TensorRT 11).
 Each listing goes to logs/<model>/inspect/<engine or ONNX file name>.txt, headed by the command that made it.
@@ -25,6 +26,9 @@ from tools.core.setup import Setup, add_setup_args, setup_from_args
 from tools.pipeline import Point
 
 MIN_TRT = (8, 6, 1)
+# Polygraphy parses the engine inspector's JSON strictly, and TensorRT 8.6 writes raw control characters into its
+# strings (NVIDIA/TensorRT#2779): there the engine view fails, while tools/yolo/layers.py reads the same JSON leniently
+UNPARSABLE_INSPECTOR_JSON = "JSONDecodeError: Invalid control character"
 
 
 def installed_tensorrt() -> str | None:
@@ -66,15 +70,19 @@ def command(polygraphy, model_file: Path, kind: str) -> list[str]:
     return [*polygraphy, "inspect", "model", str(model_file), "--model-type", kind, "--show", "layers"]
 
 
-def inspect(polygraphy, model_file: Path, kind: str, point: Point, log=print) -> Path:
+def inspect(polygraphy, model_file: Path, kind: str, point: Point, log=print) -> tuple[Path, str | None]:
+    """(the listing's log, None), or (its log, why) where Polygraphy cannot parse the engine's inspector JSON."""
     out = point.layout.logs / "inspect" / f"{model_file.name}.txt"
     rc, text = run_logged_text(command(polygraphy, model_file, kind), out)
+    if rc != 0 and kind == "engine" and UNPARSABLE_INSPECTOR_JSON in text:
+        return out, (f"Polygraphy cannot parse its engine inspector JSON (raw control characters, as TensorRT 8.6 "
+                     f"writes them: NVIDIA/TensorRT#2779; {point.layout.rel(out)})")
     if rc != 0:
         raise UserError(f"{out}: polygraphy inspect model failed on {point.layout.rel(model_file)} (exit {rc}); "
                         f"read the log")
     log(text.rstrip())
     log(f"wrote {point.layout.rel(out)}")
-    return out
+    return out, None
 
 
 def run(recipe_path, recipe: Recipe, setup: Setup, log=print) -> list[Path]:
@@ -98,14 +106,20 @@ def run(recipe_path, recipe: Recipe, setup: Setup, log=print) -> list[Path]:
             log(f"{recipe.name} [{profile}]: engine {point.layout.rel(engine)} not inspected: {blocked}")
             instead = True
         else:
-            written.append(inspect(polygraphy, engine, "engine", point, log))
+            out, unparsable = inspect(polygraphy, engine, "engine", point, log)
+            if unparsable:
+                log(f"{recipe.name} [{profile}]: engine {point.layout.rel(engine)} not inspected: {unparsable}; "
+                    f"`make profile {make}` lists its layers and their precisions")
+                instead = True
+            else:
+                written.append(out)
     if instead:
         onnx = point.onnx  # before an end-to-end wrapper: the Q/DQ pairs sit there, made or not
         if not onnx.is_file():
             raise UserError(f"{point.layout.rel(onnx)}: no ONNX of recipe {recipe.name!r} to inspect instead either; "
                             f"`make quantize {make}` makes it")
         log(f"{recipe.name}: the ONNX its engines are built from instead, {point.layout.rel(onnx)}:")
-        written.append(inspect(polygraphy, onnx, "onnx", point, log))
+        written.append(inspect(polygraphy, onnx, "onnx", point, log)[0])
     return written
 
 
