@@ -62,6 +62,32 @@ def test_resume_runs_only_missing_stages_per_profile(tmp_path, fake_gpu):
     assert fake_gpu[6:] == [("b1", "bench"), ("b32", "bench")]
 
 
+def test_an_engine_at_its_keyed_path_is_timed_again_not_rebuilt(tmp_path, monkeypatch):
+    """An engine carried with its build log from an earlier lease (same GPU model, TensorRT and inputs: same key) is
+    not built again; the record says so and takes the build time from that build's log. Without its log: one line."""
+    monkeypatch.setattr(pipeline, "gpu_name", lambda: f"Test GPU {tmp_path.name}")  # a key no other test shares
+    builds = []
+    monkeypatch.setattr(pipeline, "build", lambda *a: builds.append(a))
+    b1 = setup(tmp_path, profiles=("b1",))
+    point = pipeline.Point(load(FP16), b1, "b1")
+    log = point.layout.logs / f"{point.engine_stem}.build.log"
+    h200 = REPO / "results/yolo11n/experiments/layers-b1-L3-h200-2026-12-04/logs/fp16.b1.59c6e39a74fa.build.log"
+    try:
+        point.engine_path.parent.mkdir(parents=True, exist_ok=True)
+        point.engine_path.write_bytes(b"plan" * 1000)
+        with pytest.raises(UserError, match="engine without its build log .*bring the log along with it"):
+            pipeline.run_recipe(load(FP16), b1, ("engine",))
+        shutil.copy(h200, log)
+        pipeline.run_recipe(load(FP16), b1, ("engine",))
+        assert builds == []
+        (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "yolo11n" / "points").glob("fp16.b1.*.json")]
+        assert rec["build"]["reused"] is True and rec["build"]["build_s"] == pytest.approx(567.461, abs=0.01)
+        assert rec["build"]["engine_mb"] == 0.004 and rec["build"]["fallback"] is True
+    finally:
+        point.engine_path.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+
+
 def test_a_stage_needs_the_engine_first(tmp_path, fake_gpu):
     with pytest.raises(UserError, match="no engine yet"):
         pipeline.run_recipe(load(FP16), setup(tmp_path), ("bench",))

@@ -3,12 +3,15 @@
 # ../shared/devkit gives TensorRT 8.6 under `py311`, so PY=py311 and make falls back to tools/trtexec_py.py.
 # Inputs arrive in parts under /tmp/dparts: eval.tar.* (900 evaluation images), calib.tar.* (400 calibration images),
 # quant.tar.* (the quantized models `make sweep --stages cpu` made on the CPU, with the tracked files left out of the
-# upload to keep each call under its size limit) and, optionally, wheels.tar.* (cp311 wheels the kit lacks). The repo is copied to /tmp/w once, so a background job survives the fresh working tree
+# upload to keep each call under its size limit), optionally engines.tar.* (an earlier lease's engines and build logs,
+# from `engines`: timed and scored again without building, tools/pipeline.py engine_run) and wheels.tar.* (cp311
+# wheels the kit lacks). The repo is copied to /tmp/w once, so a background job survives the fresh working tree
 # each call brings, and results stay there between calls; every call packs them into $OUT.
 # Usage:  bash tools/devkit_run.sh start 'make sweep SWEEP_ARGS=--stages=gpu'   (in the background, setsid)
 #         bash tools/devkit_run.sh poll SECONDS    (wait, print progress, pack results into $OUT)
 #         bash tools/devkit_run.sh run 'make ...'  (in the foreground)
 #         bash tools/devkit_run.sh tests GPU       (tests/test_gpu.py on that GPU, in the background: tests.log)
+#         bash tools/devkit_run.sh engines K       (part K of the engines and build logs into $OUT, four parts a call)
 set -uo pipefail
 source /tmp/kit/env.sh
 W=/tmp/w D=/tmp/data
@@ -17,6 +20,7 @@ if [ ! -d "$W" ]; then
   cat /tmp/dparts/eval.tar.* | tar -x -C "$D"
   cat /tmp/dparts/calib.tar.* | tar -x -C "$D"
   cat /tmp/dparts/quant.tar.* | tar -x -C "$W"
+  if ls /tmp/dparts/engines.tar.* >/dev/null 2>&1; then cat /tmp/dparts/engines.tar.* | tar -x -C "$W"; fi
   if ls /tmp/dparts/wheels.tar.* >/dev/null 2>&1; then
     cat /tmp/dparts/wheels.tar.* | tar -x -C /tmp/pylib && for w in /tmp/pylib/*.whl; do py311 -m zipfile -e "$w" /tmp/pylib; done
   fi
@@ -32,6 +36,10 @@ case "$1" in
          tail -25 "$W/job.log"; tail -4 tests*.log 2>/dev/null; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
          echo; ls runs/*/points 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
   run)   bash -c "$2"; pack ;;
+  engines) # 15 MB parts: four fit the 64 MiB that one call brings back
+         [ -f /tmp/engines.tar.00 ] || tar cf - engines/*/*.engine logs/*/*.build.log | split -b 15000000 -d -a 2 - /tmp/engines.tar.
+         ls /tmp/engines.tar.* | sed -n "$((4 * $2 + 1)),$((4 * $2 + 4))p" | xargs -r cp -t "$OUT/"
+         echo "$(ls /tmp/engines.tar.* | wc -l) parts in all" ;;
   tests) CUDA_VISIBLE_DEVICES="$2" setsid nohup py311 -m pytest -v -p no:cacheprovider tests/test_gpu.py \
            ${3:+-k "$3"} > "$W/tests.log" 2>&1 < /dev/null &
          sleep 2; tail -3 "$W/tests.log" ;;

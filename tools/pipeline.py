@@ -314,14 +314,20 @@ def engine_run(point: Point) -> None:
         cache_key = digest([setup.version(), point.gpu, point.plan.precision_flags, r.builder_optimization_level])
         cache = layout.timing_cache(cache_key)
     calib_cache = implicit_calibration(point) if point.plan.implicit_calibration else None
-    if not point.engine_path.is_file():
+    # an engine already at its keyed path was built from these inputs, on this GPU model and TensorRT version, by an
+    # earlier run (here, or carried with its build log from a lease before): it is timed and scored anew, not rebuilt
+    reused = point.engine_path.is_file()
+    if not reused:
         build(r, point.profile, point.plan, list(setup.trtexec), point.engine_onnx, point.engine_path, log, cache,
               calib_cache)
+    elif not log.is_file():
+        raise UserError(f"{point.engine_path}: engine without its build log {log}; bring the log along with it, or "
+                        f"delete the engine to rebuild it")
     parsed = parse_file(log)
     point.record.data["build"] = Build(engine=layout.rel(point.engine_path), log=layout.rel(log),
                                        build_s=parsed.get("build_s"),
                                        engine_mb=round(point.engine_path.stat().st_size / 1e6, 3),
-                                       fallback=parsed["fallback"], timing_cache=bool(cache))
+                                       fallback=parsed["fallback"], timing_cache=bool(cache), reused=reused)
 
 
 def implicit_calibration(point: Point) -> Path:

@@ -67,6 +67,7 @@ class Build(TypedDict):
     engine_mb: float
     fallback: bool  # built by tools.trtexec_py rather than NVIDIA's trtexec
     timing_cache: bool
+    reused: bool  # the engine was there already (an earlier run's build, its log that run's), so not built now
 
 
 class BenchRow(TypedDict, total=False):
