@@ -292,6 +292,24 @@ def test_runner_adds_the_front_once_the_screening_is_done(tmp_path, monkeypatch)
     assert ran.index((f"{late[0][0].name}.L3.b1", "engine")) > last_screen
 
 
+def test_a_build_only_run_builds_every_chain_and_publishes_no_row(tmp_path, monkeypatch):
+    """`--stages engine` (a lease that only builds, handing its engines on): every point's engine job runs, nothing
+    is timed, and a record without timings or mAP is no row of the table."""
+    from tools.sweep import Runner
+
+    grid = load_grid(write_grid(tmp_path), REPO)
+    published = []
+    runner = Runner(grid, setup(tmp_path), ["0"], 2, published.append)
+    ran = []
+    monkeypatch.setattr(Runner, "launch", lambda self, job, gpu, recipe, profile: ran.append((job.chain, job.stage)))
+    monkeypatch.setattr(Runner, "record_of", lambda self, job: {
+        k: v for k, v in fake_record(expand(grid)[0], "b1", 1.0, 0.37).items() if k not in ("bench", "accuracy")})
+    pairs = [(r, p) for r in expand(grid) for p in ("b1", "b32")]
+    records, failures = runner.run(pairs, ("engine",), None, lambda line: None)
+    assert not failures and records == [] and published == []
+    assert sorted(ran) == sorted((f"{r.name}.L{r.builder_optimization_level}.{p}", "engine") for r, p in pairs)
+
+
 def test_report_profile_section_reads_the_committed_by_block_table(tmp_path):
     """REPORT.md's profile section is built from `make profile`'s by-block CSV of the throughput profile."""
     import csv
