@@ -70,19 +70,22 @@ def command(polygraphy, model_file: Path, kind: str) -> list[str]:
     return [*polygraphy, "inspect", "model", str(model_file), "--model-type", kind, "--show", "layers"]
 
 
-def inspect(polygraphy, model_file: Path, kind: str, point: Point, log=print) -> tuple[Path, str | None]:
-    """(the listing's log, None), or (its log, why) where Polygraphy cannot parse the engine's inspector JSON."""
+class UnparsableInspectorJson(Exception):
+    """Polygraphy failed on the engine inspector's JSON: a reason to show the ONNX instead, not an error."""
+
+
+def inspect(polygraphy, model_file: Path, kind: str, point: Point, log=print) -> Path:
     out = point.layout.logs / "inspect" / f"{model_file.name}.txt"
     rc, text = run_logged_text(command(polygraphy, model_file, kind), out)
     if rc != 0 and kind == "engine" and UNPARSABLE_INSPECTOR_JSON in text:
-        return out, (f"Polygraphy cannot parse its engine inspector JSON (raw control characters, as TensorRT 8.6 "
-                     f"writes them: NVIDIA/TensorRT#2779; {point.layout.rel(out)})")
+        raise UnparsableInspectorJson(f"Polygraphy cannot parse its engine inspector JSON (raw control characters, as "
+                                      f"TensorRT 8.6 writes them: NVIDIA/TensorRT#2779; {point.layout.rel(out)})")
     if rc != 0:
         raise UserError(f"{out}: polygraphy inspect model failed on {point.layout.rel(model_file)} (exit {rc}); "
                         f"read the log")
     log(text.rstrip())
     log(f"wrote {point.layout.rel(out)}")
-    return out, None
+    return out
 
 
 def run(recipe_path, recipe: Recipe, setup: Setup, log=print) -> list[Path]:
@@ -102,24 +105,23 @@ def run(recipe_path, recipe: Recipe, setup: Setup, log=print) -> list[Path]:
             gone = f" ({point.layout.rel(engine)} is gone)" if engine else ""
             log(f"{recipe.name} [{profile}]: no engine yet{gone}; `make engine {make}` builds it on a GPU machine")
             instead = True
-        elif blocked:
-            log(f"{recipe.name} [{profile}]: engine {point.layout.rel(engine)} not inspected: {blocked}")
-            instead = True
-        else:
-            out, unparsable = inspect(polygraphy, engine, "engine", point, log)
-            if unparsable:
-                log(f"{recipe.name} [{profile}]: engine {point.layout.rel(engine)} not inspected: {unparsable}; "
-                    f"`make profile {make}` lists its layers and their precisions")
-                instead = True
-            else:
-                written.append(out)
+            continue
+        why = blocked
+        if not why:
+            try:
+                written.append(inspect(polygraphy, engine, "engine", point, log))
+                continue
+            except UnparsableInspectorJson as e:
+                why = f"{e}; `make profile {make}` lists its layers and their precisions"
+        log(f"{recipe.name} [{profile}]: engine {point.layout.rel(engine)} not inspected: {why}")
+        instead = True
     if instead:
         onnx = point.onnx  # before an end-to-end wrapper: the Q/DQ pairs sit there, made or not
         if not onnx.is_file():
             raise UserError(f"{point.layout.rel(onnx)}: no ONNX of recipe {recipe.name!r} to inspect instead either; "
                             f"`make quantize {make}` makes it")
         log(f"{recipe.name}: the ONNX its engines are built from instead, {point.layout.rel(onnx)}:")
-        written.append(inspect(polygraphy, onnx, "onnx", point, log)[0])
+        written.append(inspect(polygraphy, onnx, "onnx", point, log))
     return written
 
 
