@@ -1,6 +1,13 @@
 """Grid loading and expansion, the screening flow (cheap level, then the front and the references at the final
 level), the table, and the report's selection rule (same-level FP16, half A chooses, half B confirms)."""
+import contextlib
+import io
 import json
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -364,3 +371,56 @@ def test_report_shows_the_committed_end_to_end_table_and_predictions(tmp_path):
     md = "\n".join(end_to_end_section(layout))
     assert "| fp16 | 7.9 |" in md and "# End to end: yolo11n" not in md
     assert "![fp16 a](predict/fp16/a.jpg)" in md
+
+
+def test_build_servers_outlive_the_sweep_under_build_servers_dir(tmp_path):
+    """--build-servers DIR: the first sweep starts its GPU's server in DIR and leaves it running; the next sweep
+    builds on that same server (its build counter goes on), a socket file left by a dead server is replaced by a
+    fresh server, `python -m tools.trtexec_py --stop` ends one, and without DIR the sweep stops its own server."""
+    from tools.sweep import Runner
+    from tools.trtexec_py import build_on_server, server_listening
+    from tools.trtexec_py import main as trtexec_py
+
+    stand_in = tmp_path / "trtexec_py_stand_in.py"  # a build server whose builder stands in for TensorRT's
+    stand_in.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tools.trtexec_py import BuildServer\n"
+                        "BuildServer(lambda opts, out: b'PLAN', 'stand-in').serve(sys.argv[2])\n")
+    grid = load_grid(write_grid(tmp_path), REPO)
+    s = setup(tmp_path, trtexec=(sys.executable, str(stand_in)))
+    servers = Path(tempfile.mkdtemp(dir="/tmp")) / "s"  # made by the sweep; AF_UNIX paths must stay short
+    sock = str(servers / "gpu0.sock")
+
+    def sweep_building_once(server_dir):
+        """What one sweep does with its servers, reduced to one build; the server's answer, as the build log has it."""
+        runner = Runner(grid, s, ["0"], 1, lambda records: None, server_dir=server_dir)
+        with runner.build_servers(), contextlib.redirect_stdout(io.StringIO()) as out:
+            assert server_listening(runner.servers["0"])
+            assert build_on_server(runner.servers["0"], ["--onnx=m.onnx", f"--saveEngine={tmp_path / 'e.engine'}",
+                                                         "--skipInference"]) == 0
+        return runner.servers, out.getvalue()
+
+    def gone(address):
+        deadline = time.monotonic() + 10
+        while server_listening(address) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not server_listening(address)
+
+    assert "build 1 of this process" in sweep_building_once(str(servers))[1]
+    assert server_listening(sock)  # left running for the next sweep
+    assert "build 2 of this process" in sweep_building_once(str(servers))[1]
+    trtexec_py(["--stop", sock])
+    assert gone(sock)
+
+    dead = socket.socket(socket.AF_UNIX)  # a socket file nobody listens on, as a killed server leaves it
+    dead.bind(sock)
+    dead.close()
+    assert "build 1 of this process" in sweep_building_once(str(servers))[1]
+    trtexec_py(["--stop", sock])
+    assert gone(sock)
+    with pytest.raises(UserError, match="no build server answers at .*gpu0.sock"):
+        trtexec_py(["--stop", sock])
+
+    own = Runner(grid, s, ["0"], 1, lambda records: None)
+    with own.build_servers():
+        mine = own.servers["0"]
+        assert server_listening(mine) and not mine.startswith(str(servers))
+    assert gone(mine)

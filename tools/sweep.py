@@ -36,7 +36,7 @@ from tools.core.setup import Setup, add_setup_args, setup_from_args, setup_to_ar
 from tools.core.sweep_table import pareto, stage_seconds, sweep_rows
 from tools.pipeline import STAGES, have_tensorrt, parse_stages, run_recipe
 from tools.scheduler import Job, run_chains
-from tools.trtexec_py import stop_server
+from tools.trtexec_py import server_listening, stop_server
 
 # settings that change only the quantization scales, not the layers TensorRT times (its timing cache keys a layer by
 # type, shapes, precision and formats, not by weights or scales)
@@ -101,38 +101,52 @@ class Runner:
     """Runs points' GPU stages as pipeline processes pinned to the GPUs, and keeps the table current after every
     finished point."""
 
-    def __init__(self, grid: Grid, setup: Setup, gpus: list[str], jobs_per_gpu: int, publish, layers=()):
+    def __init__(self, grid: Grid, setup: Setup, gpus: list[str], jobs_per_gpu: int, publish, layers=(),
+                 server_dir: str | None = None):
         self.grid, self.setup, self.gpus, self.jobs_per_gpu, self.publish = grid, setup, gpus, jobs_per_gpu, publish
         self.layers = set(layers)  # recipes whose final-level engines also get a per-layer profile
+        self.server_dir = server_dir  # build servers that outlive the sweep (--build-servers), else the sweep's own
         self.layout = setup.layout(grid.model)
         self.servers = {}  # GPU -> socket of its trtexec_py build server
 
     @contextlib.contextmanager
     def build_servers(self):
         """With the fallback trtexec, one build server per GPU keeps TensorRT's timing cache in memory across that
-        GPU's builds (tools.trtexec_py.serve); NVIDIA's trtexec reuses --timingCacheFile instead."""
+        GPU's builds (tools.trtexec_py.serve); NVIDIA's trtexec reuses --timingCacheFile instead. The sweep's own
+        servers end with it; under --build-servers DIR a server already listening at DIR/gpuN.sock is used and a
+        missing one is started there, and both are left running, so the next sweep given DIR builds on warm caches."""
         if not any("trtexec_py" in part for part in self.setup.trtexec):
             yield
             return
-        procs = []
+        own = []  # the servers this sweep stops when it ends
         with tempfile.TemporaryDirectory(prefix="trt-build-") as tmp:
             try:
+                starting = []
+                if self.server_dir:
+                    os.makedirs(self.server_dir, exist_ok=True)
                 for gpu in self.gpus:
-                    sock = os.path.join(tmp, f"gpu{gpu}.sock")
+                    sock = os.path.join(self.server_dir or tmp, f"gpu{gpu}.sock")
+                    self.servers[gpu] = sock
+                    if self.server_dir and server_listening(sock):
+                        continue
+                    if os.path.exists(sock):  # left by a server that died: a new one cannot listen over it
+                        os.unlink(sock)
                     log = self.layout.logs / "sweep" / f"build-server-gpu{gpu}.log"
                     log.parent.mkdir(parents=True, exist_ok=True)
-                    procs.append((sock, subprocess.Popen([*self.setup.trtexec, "--serve", sock], cwd=REPO,
-                                                         stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                                                         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})))
-                    self.servers[gpu] = sock
-                for sock, proc in procs:  # builds sent before a server listens would run beside it instead
+                    proc = subprocess.Popen([*self.setup.trtexec, "--serve", sock], cwd=REPO, stdout=open(log, "a"),
+                                            stderr=subprocess.STDOUT, start_new_session=bool(self.server_dir),
+                                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+                    starting.append((sock, proc))
+                    if not self.server_dir:
+                        own.append((sock, proc))
+                for sock, proc in starting:  # builds sent before a server listens would run beside it instead
                     deadline = time.monotonic() + 120
                     while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
                         time.sleep(0.2)
                 yield
             finally:
                 self.servers = {}
-                for sock, proc in procs:
+                for sock, proc in own:
                     try:
                         stop_server(sock)
                         proc.wait(timeout=30)
@@ -325,6 +339,10 @@ def main(argv=None):
                          "timings always run alone, accuracy runs beside builds")
     ap.add_argument("--shard", help="run only shard i of n of the points (i/n), e.g. one per machine; with a "
                                     "screened grid each shard takes its front from its own part of the screening")
+    ap.add_argument("--build-servers", metavar="DIR",
+                    help="fallback trtexec only: keep the GPUs' build servers (and their warm timing caches) in DIR "
+                         "after the sweep, and use those a sweep left there (python -m tools.trtexec_py --stop "
+                         "DIR/gpu0.sock ends one)")
     ap.add_argument("--layers", help="comma-separated references whose final-level engines also get a per-layer "
                                      "profile (the `layers` stage of `make profile`), e.g. fp16,int8-qdq")
     add_model(ap)
@@ -368,7 +386,8 @@ def main(argv=None):
                 "run_seconds": runs, "seconds": sum(runs)})
 
     run_setup = grid_setup(grid, setup)
-    runner = Runner(grid, run_setup, gpus, args.jobs_per_gpu, publish, args.layers.split(",") if args.layers else ())
+    runner = Runner(grid, run_setup, gpus, args.jobs_per_gpu, publish, args.layers.split(",") if args.layers else (),
+                    args.build_servers)
 
     def run_points(pairs, gpu_stages, stop_after, then=None, gate=None):
         # what `then` adds (the front, the other references) is sharded too, or every machine would build all of it

@@ -578,7 +578,10 @@ class BuildServer:
         with Listener(address, family="AF_UNIX") as listener:
             while True:
                 with listener.accept() as conn:
-                    argv = conn.recv()
+                    try:
+                        argv = conn.recv()
+                    except EOFError:  # a client that only looked whether a server listens (server_listening)
+                        continue
                     if argv is None:
                         return
                     conn.send(self.handle(argv))
@@ -606,6 +609,15 @@ def tensorrt_build_server() -> BuildServer:
 def stop_server(address: str) -> None:
     with Client(address, family="AF_UNIX") as conn:
         conn.send(None)
+
+
+def server_listening(address: str) -> bool:
+    """Whether a build server answers at `address` (a socket file left by a server that died answers nothing)."""
+    try:
+        Client(address, family="AF_UNIX").close()
+    except OSError:
+        return False
+    return True
 
 
 def build_on_server(address: str, argv: list[str]) -> int | None:
@@ -681,7 +693,8 @@ def usage() -> str:
             "Flags with a value (as --name=value): " + ", ".join(sorted(FLAGS_WITH_VALUE)) + "\n"
             "Switches: " + ", ".join(sorted(SWITCHES)) + "\n"
             "Fallback only: --serve SOCKET runs a build server (one per GPU); builds whose environment has\n"
-            "TRTEXEC_PY_SERVER=SOCKET go to it and share its builder and in-memory timing caches.\n")
+            "TRTEXEC_PY_SERVER=SOCKET go to it and share its builder and in-memory timing caches.\n"
+            "--stop SOCKET ends the server there (one a sweep left running: make sweep BUILD_SERVERS=DIR).\n")
 
 
 def main(argv=None):
@@ -693,6 +706,13 @@ def main(argv=None):
         if len(argv) != 2:
             raise UserError("trtexec_py: --serve takes one socket path: python -m tools.trtexec_py --serve /tmp/s.sock")
         tensorrt_build_server().serve(argv[1])
+        return
+    if argv[0] == "--stop":
+        if len(argv) != 2 or not server_listening(argv[1]):
+            raise UserError(f"trtexec_py: no build server answers at {' '.join(argv[1:]) or '(no socket given)'}: "
+                            f"--stop takes the socket a server listens on, e.g. /tmp/trt-servers/gpu0.sock")
+        stop_server(argv[1])
+        print(f"stopped the build server at {argv[1]}")
         return
     opts = parse_flags(argv)
     trt = import_tensorrt("python -m tools.trtexec_py")
