@@ -189,6 +189,25 @@ def test_pareto_keeps_ties_and_drops_the_dominated():
     assert pareto(pts) == ["c", "a", "twin"]
 
 
+def test_a_sweep_of_another_grid_leaves_the_table_it_would_replace(tmp_path):
+    """One sweep table per model in a results folder: a sweep (or --table-only) of another grid there is refused in
+    one line naming the table and the fix, and the table stays as it was; the table's own grid goes ahead."""
+    layers = write_grid(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text(layers.read_text())
+    table = tmp_path / "yolo11n" / "sweep.json"
+    table.parent.mkdir()
+    table.write_text(json.dumps({"grid": str(layers), "complete": True, "run_seconds": [1075], "rows": []}))
+    before = table.read_bytes()
+    for extra in (["--table-only"], ["--stages", "engine"]):
+        with pytest.raises(UserError, match=rf"sweep.json: the table of {layers}; a sweep of {other} would replace "
+                                            rf"it: give this grid its own results folder \(RESULTS=DIR"):
+            sweep.main([str(other), "--results", str(tmp_path), *extra])
+    assert table.read_bytes() == before and sorted(p.name for p in table.parent.iterdir()) == ["sweep.json"]
+    with pytest.raises(UserError, match="no complete record of any point of this grid"):
+        sweep.main([str(layers), "--results", str(tmp_path), "--table-only"])
+
+
 def test_wall_time_adds_up_over_resumed_runs(tmp_path):
     table = tmp_path / "sweep.json"
     assert earlier_runs(table, "g.yaml") == ([], False)

@@ -72,6 +72,15 @@ def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
     return list(old.get("run_seconds", [])), bool(old.get("complete"))
 
 
+def check_table_is_this_grids(table: Path, grid_path: str) -> None:
+    """One table per model in a results folder: a sweep of another grid there would replace that grid's table (and
+    the run's fields only it holds), so it is refused in one line rather than lost."""
+    other = read_json(table, "sweep table").get("grid") if table.is_file() else None
+    if other not in (None, grid_path):
+        raise UserError(f"{table}: the table of {other}; a sweep of {grid_path} would replace it: give this grid its "
+                        f"own results folder (RESULTS=DIR, --results DIR) or move {table.parent}/sweep.* away first")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running
 def screened(recipe: Recipe, screen: Screen | None) -> Recipe:
@@ -358,6 +367,7 @@ def main(argv=None):
         for r in expand(grid, setup):
             print(f"{r.name:40s} {digest(r.settings())}  profiles {', '.join(setup.engine_profiles(r))}")
         return
+    check_table_is_this_grids(layout.sweep_json, args.grid)
     if args.table_only:
         rebuild_table(grid, layout, setup)
         return
