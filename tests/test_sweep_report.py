@@ -443,3 +443,12 @@ def test_build_servers_outlive_the_sweep_under_build_servers_dir(tmp_path):
         mine = own.servers["0"]
         assert server_listening(mine) and not mine.startswith(str(servers))
     assert gone(mine)
+
+    per_gpu = {"0": sock, "1": str(servers / "gpu1.sock")}  # several GPUs: a server each, all left running
+    two = Runner(grid, s, list(per_gpu), 1, lambda records: None, server_dir=str(servers))
+    with two.build_servers():
+        assert two.servers == per_gpu
+    for address in per_gpu.values():
+        assert server_listening(address)
+        trtexec_py(["--stop", address])
+        assert gone(address)

@@ -28,7 +28,8 @@ fi
 cd "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$W:/tmp/pylib
 export MAKEFLAGS="PY=py311 EVAL_DIR=$D/val2017-eval CALIB_DIR=$D/calib"
-pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" runs logs calib/*/*.cache job.log tests*.log 2>/dev/null; }
+# only paths that exist: a missing one (no tests log yet) would fail the call while packing the rest
+pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" $(ls -d runs logs calib/*/*.cache job.log tests*.log 2>/dev/null); }
 case "$1" in
   start) setsid nohup bash -c "$2; echo \"exit \$? at \$(date +%T)\"" > "$W/job.log" 2>&1 < /dev/null &
          sleep 20; tail -5 "$W/job.log" ;;

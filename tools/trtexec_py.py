@@ -694,7 +694,8 @@ def usage() -> str:
             "Switches: " + ", ".join(sorted(SWITCHES)) + "\n"
             "Fallback only: --serve SOCKET runs a build server (one per GPU); builds whose environment has\n"
             "TRTEXEC_PY_SERVER=SOCKET go to it and share its builder and in-memory timing caches.\n"
-            "--stop SOCKET ends the server there (one a sweep left running: make sweep BUILD_SERVERS=DIR).\n")
+            "--stop SOCKET ends the server there (one a sweep left running:\n"
+            "make sweep SWEEP_ARGS='--build-servers DIR').\n")
 
 
 def main(argv=None):
