@@ -120,3 +120,48 @@ def test_a_random_weight_model_shows_no_accuracy(tmp_path):
                                                       "eval": {"key": key}})
     text = markdown(summarize(layout, ["fp16"], MINI, speed_only=True))
     assert "Speed only" in text and "0.0000" not in text and "| fp16 | b1 | 3 | 1 |" in text
+
+
+def test_devkit_pack_cuts_parts_that_fit_a_call_and_rebuild_what_was_cut(tmp_path):
+    """tools/devkit_pack.sh (the uploads to our lent GPU machines): each part fits one call beside the tracked tree
+    (64 MiB in all), the parts joined give back the image folders under the names tools/devkit_run.sh unpacks, the
+    Q/DQ models a CPU sweep's records name (with their .json, the float model left out), and a record naming a model
+    that is not there is refused in one line."""
+    import tarfile
+
+    from conftest import CALIB
+
+    env = {"PATH": "/usr/bin:/bin", "DEVPARTS": str(tmp_path / "parts")}
+    run = lambda *args: subprocess.run(["bash", "tools/devkit_pack.sh", *args], cwd=REPO, env=env,  # noqa: E731
+                                       capture_output=True, text=True)
+    res = run("data", str(MINI), str(CALIB))
+    assert res.returncode == 0, res.stdout + res.stderr
+    tracked = sum((REPO / f).stat().st_size for f in subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True).stdout.split("\0") if f)
+    parts = sorted((tmp_path / "parts" / "data").iterdir())
+    assert parts and all(p.stat().st_size + tracked <= 64 * 1024 * 1024 - 2_000_000 for p in parts)
+
+    def joined(prefix):
+        whole = tmp_path / f"{prefix}.tar"
+        whole.write_bytes(b"".join(p.read_bytes() for p in parts if p.name.startswith(prefix + ".tar.")))
+        with tarfile.open(whole) as tar:
+            return {m.name for m in tar.getmembers() if m.isfile()}
+    assert {n.split("/", 1)[1] for n in joined("eval") if "/images/" in n} == \
+        {f"images/{p.name}" for p in (MINI / "images").iterdir()}
+    assert joined("calib") == {f"calib/{p.name}" for p in CALIB.iterdir()}
+
+    quant = tmp_path / "models" / "yolo11n" / "quant"
+    quant.mkdir(parents=True)
+    records = tmp_path / "results" / "yolo11n" / "onnxrt"
+    records.mkdir(parents=True)
+    for name, onnx in (("fp32", "models/yolo11/yolo11n.onnx"), ("q", str(quant / "q.abc.onnx"))):
+        (records / f"{name}.json").write_text(json.dumps({"onnx": onnx}))
+    (quant / "q.abc.onnx").write_bytes(b"onnx")
+    (quant / "q.abc.json").write_text("{}")
+    assert run("quant", str(tmp_path / "results"), "yolo11n").returncode == 0
+    parts = sorted((tmp_path / "parts" / "data").iterdir())
+    assert joined("quant") == {str(quant / "q.abc.onnx").lstrip("/"), str(quant / "q.abc.json").lstrip("/")}
+    (quant / "q.abc.onnx").unlink()
+    res = run("quant", str(tmp_path / "results"), "yolo11n")
+    assert res.returncode == 2 and res.stdout.count("\n") == 1
+    assert "q.abc.onnx" in res.stdout and "is missing" in res.stdout

@@ -11,7 +11,9 @@
 #         bash tools/devkit_run.sh poll SECONDS    (wait, print progress, pack results into $OUT)
 #         bash tools/devkit_run.sh run 'make ...'  (in the foreground)
 #         bash tools/devkit_run.sh tests GPU       (tests/test_gpu.py on that GPU, in the background: tests.log)
-#         bash tools/devkit_run.sh engines K       (part K of the engines and build logs into $OUT, four parts a call)
+#         bash tools/devkit_run.sh engines K       (part K of the engines and build logs into $OUT, four parts a call;
+#                                                  K=0 packs them again, so a later call takes engines built since)
+# tools/devkit_pack.sh makes the parts on this side (the kit, images, Q/DQ models, returned engines).
 set -uo pipefail
 source /tmp/kit/env.sh
 W=/tmp/w D=/tmp/data
@@ -37,7 +39,8 @@ case "$1" in
          tail -25 "$W/job.log"; tail -4 tests*.log 2>/dev/null; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
          echo; ls runs/*/points 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
   run)   bash -c "$2"; pack ;;
-  engines) # 15 MB parts: four fit the 64 MiB that one call brings back
+  engines) # 15 MB parts: four fit the 64 MiB that one call brings back; part 0 packs afresh (engines built since)
+         [ "$2" != 0 ] || rm -f /tmp/engines.tar.*
          [ -f /tmp/engines.tar.00 ] || tar cf - engines/*/*.engine logs/*/*.build.log | split -b 15000000 -d -a 2 - /tmp/engines.tar.
          ls /tmp/engines.tar.* | sed -n "$((4 * $2 + 1)),$((4 * $2 + 4))p" | xargs -r cp -t "$OUT/"
          echo "$(ls /tmp/engines.tar.* | wc -l) parts in all" ;;
