@@ -125,7 +125,7 @@ def test_a_random_weight_model_shows_no_accuracy(tmp_path):
 def test_devkit_pack_cuts_parts_that_fit_a_call_and_rebuild_what_was_cut(tmp_path):
     """tools/devkit_pack.sh (the uploads to our lent GPU machines): each part fits one call beside the tracked tree
     (64 MiB in all), the parts joined give back the image folders under the names tools/devkit_run.sh unpacks, the
-    Q/DQ models a CPU sweep's records name (with their .json, the float model left out), and a record naming a model
+    models a CPU sweep's records name that git does not track (Q/DQ ones with their .json), and a record naming a model
     that is not there is refused in one line."""
     import tarfile
 
@@ -154,13 +154,16 @@ def test_devkit_pack_cuts_parts_that_fit_a_call_and_rebuild_what_was_cut(tmp_pat
     quant.mkdir(parents=True)
     records = tmp_path / "results" / "yolo11n" / "onnxrt"
     records.mkdir(parents=True)
-    for name, onnx in (("fp32", "models/yolo11/yolo11n.onnx"), ("q", str(quant / "q.abc.onnx"))):
-        (records / f"{name}.json").write_text(json.dumps({"onnx": onnx}))
+    untracked = tmp_path / "models" / "yolo11" / "yolo11m.onnx"  # a float model the tree does not carry
+    untracked.parent.mkdir()
+    untracked.write_bytes(b"onnx")
+    for name, onnx in (("fp32", "models/yolo11/yolo11n.onnx"), ("q", quant / "q.abc.onnx"), ("m", untracked)):
+        (records / f"{name}.json").write_text(json.dumps({"onnx": str(onnx)}))
     (quant / "q.abc.onnx").write_bytes(b"onnx")
     (quant / "q.abc.json").write_text("{}")
     assert run("quant", str(tmp_path / "results"), "yolo11n").returncode == 0
     parts = sorted((tmp_path / "parts" / "data").iterdir())
-    assert joined("quant") == {str(quant / "q.abc.onnx").lstrip("/"), str(quant / "q.abc.json").lstrip("/")}
+    assert joined("quant") == {str(p).lstrip("/") for p in (quant / "q.abc.onnx", quant / "q.abc.json", untracked)}
     (quant / "q.abc.onnx").unlink()
     res = run("quant", str(tmp_path / "results"), "yolo11n")
     assert res.returncode == 2 and res.stdout.count("\n") == 1

@@ -4,9 +4,9 @@
 # Usage (in the repo root; everything goes under .devparts/, git-ignored):
 #   bash tools/devkit_pack.sh kit                      ../shared/devkit/pack.sh's .devkit/pK -> .devparts/kit/kNN/
 #   bash tools/devkit_pack.sh data EVAL_DIR CALIB_DIR   the images -> .devparts/data/{eval,calib}.tar.NN
-#   bash tools/devkit_pack.sh quant RESULTS MODEL       every Q/DQ model (and its .json) that the records of
-#                                                       `make sweep SWEEP_ARGS='--stages cpu'` under
-#                                                       RESULTS/MODEL/onnxrt name -> .devparts/data/quant.tar.NN
+#   bash tools/devkit_pack.sh quant RESULTS MODEL       every model (a Q/DQ one with its .json) that the records of
+#                                                       `make sweep SWEEP_ARGS='--stages cpu'` under RESULTS/MODEL/onnxrt
+#                                                       name and git does not track -> .devparts/data/quant.tar.NN
 #   bash tools/devkit_pack.sh engines DIR...            the engines.tar.* parts `devkit_run.sh engines K` brought back
 #                                                       (from one lease's call folders, in order) -> engines.tar.NN
 # Each prints the parts it wrote. On the GPU machine: a kit part with `mkdir -p /tmp/kit/parts && cp
@@ -45,10 +45,13 @@ case "${1:-}" in
     ls "$records"/*.json >/dev/null 2>&1 ||
       fail "no records in $records: run make sweep RESULTS=${2:-DIR} TRT_VERSION=8.6.1 SWEEP_ARGS='--stages cpu' first"
     names="import json, sys; print(*sorted({json.load(open(f))['onnx'] for f in sys.argv[1:]}), sep='\n')"
-    models=$(python3 -c "$names" "$records"/*.json | grep '/quant/')
+    # what git tracks is in the working tree every call carries already (the shipped yolo11n.onnx)
+    models=$(for m in $(python3 -c "$names" "$records"/*.json); do git ls-files --error-unmatch "$m" >/dev/null 2>&1 ||
+               echo "$m"; done)
     mkdir -p "$OUT/data"
     for m in $models; do [ -f "$m" ] || fail "$m (named in $records) is missing: run the CPU stages again"; done
-    tar -cf - $models $(for m in $models; do echo "${m%.onnx}.json"; done) | split_into "$OUT/data/quant.tar" ;;
+    tar -cf - $models $(for m in $models; do [ ! -f "${m%.onnx}.json" ] || echo "${m%.onnx}.json"; done) |
+      split_into "$OUT/data/quant.tar" ;;
   engines)
     shift
     [ $# -gt 0 ] || fail "give the folders the engines.tar.* parts came back in, in order"
