@@ -1,9 +1,10 @@
 """The summary shows what this run measured on this evaluation set (and says where the published GPU table is when it
-measured none); the Makefile lists and honours every knob."""
+measured none); the Makefile lists and honours every knob; tools/devkit_pack.sh cuts uploads that fit a call."""
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import MINI, REPO
@@ -131,7 +132,7 @@ def test_devkit_pack_cuts_parts_that_fit_a_call_and_rebuild_what_was_cut(tmp_pat
 
     from conftest import CALIB
 
-    env = {"PATH": "/usr/bin:/bin", "DEVPARTS": str(tmp_path / "parts")}
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DEVPARTS": str(tmp_path / "parts")}
     run = lambda *args: subprocess.run(["bash", "tools/devkit_pack.sh", *args], cwd=REPO, env=env,  # noqa: E731
                                        capture_output=True, text=True)
     res = run("data", str(MINI), str(CALIB))
