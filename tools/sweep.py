@@ -9,7 +9,8 @@ other references, in the same run, and the report states how well the screening 
 Every point is keyed by its inputs (tools/core/), so a sweep killed half-way and started again redoes no finished
 work; points can also be sharded over machines (`--shard 1/2`, `--shard 2/2`) and their records folders merged
 (`--table-only` rebuilds the table from whatever records are there).
-Writes <results>/<model>/sweep.{json,csv}: one row per configuration, level, profile and batch.
+Writes <results>/<model>/sweep.{json,csv}: one row per configuration, level, profile and batch; one grid's table per
+results folder (a sweep of another grid there is refused rather than replacing it).
 Usage: python -m tools.sweep recipes/grids/yolo11n.yaml [--stages cpu|gpu|all] [pipeline flags]
 """
 from __future__ import annotations
