@@ -30,14 +30,15 @@ fi
 cd "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$W:/tmp/pylib
 export MAKEFLAGS="PY=py311 EVAL_DIR=$D/val2017-eval CALIB_DIR=$D/calib"
-# only paths that exist: a missing one (no tests log yet) would fail the call while packing the rest
-pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" $(ls -d runs logs calib/*/*.cache job.log tests*.log 2>/dev/null); }
+# only paths that exist: a missing one (no tests log yet) would fail the call while packing the rest; runs* takes
+# the results folders of grids run beside the default one (RESULTS=runs-GRID)
+pack() { tar czf "$OUT/results-$(date +%H%M%S).tgz" $(ls -d runs* logs calib/*/*.cache job.log tests*.log 2>/dev/null); }
 case "$1" in
   start) setsid nohup bash -c "$2; echo \"exit \$? at \$(date +%T)\"" > "$W/job.log" 2>&1 < /dev/null &
          sleep 20; tail -5 "$W/job.log" ;;
   poll)  for _ in $(seq "$2"); do grep -q '^exit ' "$W/job.log" && break; sleep 1; done
          tail -25 "$W/job.log"; tail -4 tests*.log 2>/dev/null; nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader | tr '\n' ' '
-         echo; ls runs/*/points 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
+         echo; ls runs*/*/points/*.json 2>/dev/null | wc -l; tail -3 tests.log 2>/dev/null; pack ;;
   run)   bash -c "$2"; pack ;;
   engines) # 15 MB parts: four fit the 64 MiB that one call brings back; part 0 packs afresh (engines built since)
          [ "$2" != 0 ] || rm -f /tmp/engines.tar.*
