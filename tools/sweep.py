@@ -68,16 +68,22 @@ def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
     if not table.is_file():
         return [], False
     old = read_json(table, "sweep table")
-    if old.get("grid") != grid_path:
+    if not same_grid(old.get("grid"), grid_path):
         return [], False
     return list(old.get("run_seconds", [])), bool(old.get("complete"))
+
+
+def same_grid(a: str | None, b: str) -> bool:
+    """Two spellings of one grid file (./recipes/... and recipes/..., or absolute) are one grid; tables record the path
+    as given, relative to the repo, where make runs."""
+    return a is not None and (REPO / a).resolve() == (REPO / b).resolve()
 
 
 def check_table_is_this_grids(table: Path, grid_path: str) -> None:
     """One table per model in a results folder: a sweep of another grid there would replace that grid's table (and
     the run's fields only it holds), so it is refused in one line rather than lost."""
     other = read_json(table, "sweep table").get("grid") if table.is_file() else None
-    if other not in (None, grid_path):
+    if other is not None and not same_grid(other, grid_path):
         raise UserError(f"{table}: the table of {other}; a sweep of {grid_path} would replace it: give this grid its "
                         f"own results folder (RESULTS=DIR, --results DIR) or move {table.parent}/sweep.* away first")
 
