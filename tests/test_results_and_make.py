@@ -135,6 +135,9 @@ def test_devkit_pack_cuts_parts_that_fit_a_call_and_rebuild_what_was_cut(tmp_pat
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DEVPARTS": str(tmp_path / "parts")}
     run = lambda *args: subprocess.run(["bash", "tools/devkit_pack.sh", *args], cwd=REPO, env=env,  # noqa: E731
                                        capture_output=True, text=True)
+    usage = run("--help")
+    assert usage.returncode == 0 and all(f"devkit_pack.sh {mode}" in usage.stdout for mode in ("kit", "data", "quant"))
+    assert "set -e" not in usage.stdout and run("nonsense").returncode == 2
     res = run("data", str(MINI), str(CALIB))
     assert res.returncode == 0, res.stdout + res.stderr
     tracked = sum((REPO / f).stat().st_size for f in subprocess.run(

@@ -57,5 +57,6 @@ case "${1:-}" in
     [ $# -gt 0 ] || fail "give the folders the engines.tar.* parts came back in, in order"
     mkdir -p "$OUT/data"
     cat $(for d in "$@"; do ls "$d"/engines.tar.[0-9][0-9]; done) | split_into "$OUT/data/engines.tar" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  -h|--help) sed -n '2,14p' "$0" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
