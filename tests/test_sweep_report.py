@@ -23,7 +23,8 @@ from tools.core.layout import Layout
 from tools.core.recipe import load
 from tools.core.sweep_table import Table, sweep_rows
 from tools.report import kendall_tau, select, write_report
-from tools.sweep import earlier_runs, front, rebuild_table, run_seconds, run_sweep, shard
+from tools.sweep import (earlier_runs, front, rebuild_table, run_seconds, run_sweep, shard,
+                         this_grids_table)
 
 
 def write_grid(tmp_path, design="one-at-a-time", extra=None, **top):
@@ -212,9 +213,9 @@ def test_a_sweep_of_another_grid_leaves_the_table_it_would_replace(tmp_path):
 
 def test_wall_time_adds_up_over_resumed_runs(tmp_path):
     table = tmp_path / "sweep.json"
-    assert earlier_runs(table, "g.yaml") == ([], False)
+    assert earlier_runs(this_grids_table(table, "g.yaml")) == ([], False)
     table.write_text(json.dumps({"grid": "g.yaml", "complete": False, "run_seconds": [400, 380]}))
-    assert earlier_runs(table, "g.yaml") == ([400, 380], False)
+    assert earlier_runs(this_grids_table(table, "g.yaml")) == ([400, 380], False)
     assert run_seconds([400, 380], False, 90, measured=True) == [400, 380, 90]
     assert run_seconds([400, 380, 90], True, 5, measured=False) == [400, 380, 90]
     assert run_seconds([400, 380, 90], True, 700, measured=True) == [700]

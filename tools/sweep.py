@@ -63,29 +63,27 @@ def run_seconds(earlier: list[int], finished: bool, this_run: int, measured: boo
     return [this_run] if measured else earlier
 
 
-def earlier_runs(table: Path, grid_path: str) -> tuple[list[int], bool]:
-    """Wall seconds of the runs behind the existing table of this grid, and whether they finished it."""
-    if not table.is_file():
-        return [], False
-    old = read_json(table, "sweep table")
-    if not same_grid(old.get("grid"), grid_path):
-        return [], False
+def earlier_runs(old: dict) -> tuple[list[int], bool]:
+    """Wall seconds of the runs behind this grid's existing table (this_grids_table), and whether they finished it."""
     return list(old.get("run_seconds", [])), bool(old.get("complete"))
 
 
-def same_grid(a: str | None, b: str) -> bool:
+def same_grid(a: str, b: str) -> bool:
     """Two spellings of one grid file (./recipes/... and recipes/..., or absolute) are one grid; tables record the path
     as given, relative to the repo, where make runs."""
-    return a is not None and (REPO / a).resolve() == (REPO / b).resolve()
+    return (REPO / a).resolve() == (REPO / b).resolve()
 
 
-def check_table_is_this_grids(table: Path, grid_path: str) -> None:
-    """One table per model in a results folder: a sweep of another grid there would replace that grid's table (and
-    the run's fields only it holds), so it is refused in one line rather than lost."""
-    other = read_json(table, "sweep table").get("grid") if table.is_file() else None
-    if other is not None and not same_grid(other, grid_path):
-        raise UserError(f"{table}: the table of {other}; a sweep of {grid_path} would replace it: give this grid its "
-                        f"own results folder (RESULTS=DIR, --results DIR) or move {table.parent}/sweep.* away first")
+def this_grids_table(table: Path, grid_path: str) -> dict:
+    """The results folder's table ({} where there is none). One table per model in a results folder: a sweep of another
+    grid there would replace that grid's table (and the run's fields only it holds), so it is refused in one line
+    rather than lost."""
+    old = read_json(table, "sweep table") if table.is_file() else {}
+    if old.get("grid") is not None and not same_grid(old["grid"], grid_path):
+        raise UserError(f"{table}: the table of {old['grid']}; a sweep of {grid_path} would replace it: give this "
+                        f"grid its own results folder (RESULTS=DIR, --results DIR) or move {table.parent}/sweep.* away "
+                        f"first")
+    return old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,10 +132,10 @@ class Runner:
         if not any("trtexec_py" in part for part in self.setup.trtexec):
             yield
             return
-        own = []  # the servers this sweep stops when it ends
+        starting = []
+        own = [] if self.server_dir else starting  # the servers this sweep stops when it ends
         with tempfile.TemporaryDirectory(prefix="trt-build-") as tmp:
             try:
-                starting = []
                 if self.server_dir:
                     os.makedirs(self.server_dir, exist_ok=True)
                 for gpu in self.gpus:
@@ -153,8 +151,6 @@ class Runner:
                                             stderr=subprocess.STDOUT, start_new_session=bool(self.server_dir),
                                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                     starting.append((sock, proc))
-                    if not self.server_dir:
-                        own.append((sock, proc))
                 for sock, proc in starting:  # builds sent before a server listens would run beside it instead
                     deadline = time.monotonic() + 120
                     while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
@@ -374,7 +370,7 @@ def main(argv=None):
         for r in expand(grid, setup):
             print(f"{r.name:40s} {digest(r.settings())}  profiles {', '.join(setup.engine_profiles(r))}")
         return
-    check_table_is_this_grids(layout.sweep_json, args.grid)
+    earlier, finished = earlier_runs(this_grids_table(layout.sweep_json, args.grid))
     if args.table_only:
         rebuild_table(grid, layout, setup)
         return
@@ -384,7 +380,6 @@ def main(argv=None):
         stages = tuple(s for s in stages if not STAGES[s].gpu)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    earlier, finished = earlier_runs(layout.sweep_json, args.grid)
     gpus = args.gpus.split(",") if args.gpus else visible_gpus()
     lock = threading.Lock()
 
